@@ -1,0 +1,224 @@
+"""
+Prepare a dataset for train.py: data/<name>/train.bin and val.bin (token ids, uint16) and meta.json.
+
+    python data/prepare.py stdlib                          # the default corpus: this Python's standard library
+    python data/prepare.py text PATH [--name=N] [--tokenizer=bytes|gpt2]    # a text file or a folder of them
+    python data/prepare.py tinystories                     # TinyStories, ~2 GB download, GPT-2 BPE
+
+The standard library is a real corpus (about 12 MB of Python on 3.11) that every machine running this project
+already has, so the default run needs no network. It is tokenized at the byte level (vocab 256). meta.json is
+written last: a folder without it is an unfinished preparation, and train.py treats it as missing.
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import sysconfig
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+DATA_DIR = Path(__file__).resolve().parent
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+
+
+# ---- tokenizers: encode text to ids, and give each id's bytes back (sample.py streams them) --------------------
+
+class ByteTokenizer:
+    name, vocab_size, eot = "bytes", 256, None
+
+    def encode(self, text):
+        return list(text.encode("utf-8")) if isinstance(text, str) else list(text)
+
+    def token_bytes(self, i):
+        return bytes([i])
+
+    def decode(self, ids):
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class GPT2Tokenizer(ByteTokenizer):
+    name, vocab_size, eot = "gpt2", 50257, 50256
+
+    def __init__(self):
+        import tiktoken
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches its vocabulary files on first use
+            raise RuntimeError("the gpt2 tokenizer needs its vocabulary, which tiktoken downloads on first use and "
+                               f"could not ({type(e).__name__}); connect once, or use the bytes tokenizer") from None
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text if isinstance(text, str) else text.decode("utf-8", errors="replace"))
+
+    def token_bytes(self, i):
+        return self.enc.decode_single_token_bytes(i) if i < self.vocab_size else b""
+
+
+def get_tokenizer(name):
+    if name not in ("bytes", "gpt2"):
+        raise ValueError(f"unknown tokenizer {name!r}: use bytes or gpt2")
+    return ByteTokenizer() if name == "bytes" else GPT2Tokenizer()
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+def write_tokens(path, chunks):
+    """Stream arrays of token ids into path (uint16), through a temporary file; returns the number written."""
+    n, tmp = 0, Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        for ids in chunks:
+            f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+            n += len(ids)
+    os.replace(tmp, path)
+    return n
+
+
+def write_meta(out, tokenizer, n_train, n_val, source):
+    meta = dict(tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, dtype="uint16", eot=tokenizer.eot,
+                train_tokens=n_train, val_tokens=n_val, source=source)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    print(f"{out}: {n_train:,} train and {n_val:,} val tokens ({tokenizer.name})")
+    return meta
+
+
+def prepare_documents(out, docs, tokenizer, source):
+    """Tokenize documents (bytes) into out/. With 20 or more, every 20th goes to val; else the last 10% of tokens."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    sep = [tokenizer.eot] if tokenizer.eot is not None else []
+    ids = [tokenizer.encode(d) + sep for d in tqdm(docs, desc=f"tokenizing {out.name}", unit="doc", leave=False)]
+    if len(ids) >= 20:
+        train, val = [x for i, x in enumerate(ids) if i % 20 != 19], [x for i, x in enumerate(ids) if i % 20 == 19]
+    else:
+        flat = [t for x in ids for t in x]
+        cut = int(0.9 * len(flat))
+        train, val = [flat[:cut]], [flat[cut:]]
+    n_train = write_tokens(out / "train.bin", train)
+    n_val = write_tokens(out / "val.bin", val)
+    return write_meta(out, tokenizer, n_train, n_val, source)
+
+
+# ---- the datasets ----------------------------------------------------------------------------------------------
+
+def stdlib_files():
+    """The standard library's .py files, without site-packages and test folders, in a fixed (sorted) order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        files += [Path(folder) / n for n in sorted(names) if n.endswith(".py")]
+    return root, files
+
+
+def prepare_stdlib(out=DATA_DIR / "stdlib"):
+    root, files = stdlib_files()
+    docs = [f"# ==== {f.relative_to(root)} ====\n".encode() + f.read_bytes() for f in files]
+    return prepare_documents(out, docs, ByteTokenizer(), f"{len(files)} .py files of {root}")
+
+
+def prepare_text(path, out=None, tokenizer="bytes"):
+    """A text file, or every file in a folder (sorted, hidden ones skipped), into out (default data/<its name>)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no files")
+    return prepare_documents(out or DATA_DIR / path.stem, [f.read_bytes() for f in files],
+                             get_tokenizer(tokenizer), str(path.resolve()))
+
+
+def download(url, dest):
+    """Download url to dest with a progress bar, resuming a partial dest.part; fails at once when offline."""
+    if dest.exists():
+        return
+    part = Path(f"{dest}.part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as e:
+        if e.code == 416:           # the part file is already complete
+            os.replace(part, dest)
+            return
+        raise RuntimeError(f"download of {url} failed: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(f"cannot reach {url.split('/')[2]} ({getattr(e, 'reason', e)}): this dataset needs the "
+                           "network; the default corpus (python data/prepare.py stdlib) does not") from None
+    if have and response.status != 206:  # the server ignored the range: start over
+        have = 0
+    total = have + int(response.headers.get("Content-Length", 0))
+    with response, open(part, "ab" if have else "wb") as f, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+        while block := response.read(1 << 20):
+            f.write(block)
+            bar.update(len(block))
+    os.replace(part, dest)
+
+
+def _encode_stories(text):
+    enc = GPT2Tokenizer()
+    return np.array([t for story in text.split("<|endoftext|>") if story.strip()
+                     for t in enc.encode(story.strip()) + [enc.eot]], dtype=np.uint16)
+
+
+def tokenize_file(src, dst, chunk_bytes=4 << 20):
+    """GPT-2-tokenize a big text file of <|endoftext|>-separated stories in parallel, streaming chunks to dst."""
+    def chunks():
+        with open(src, encoding="utf-8") as f, tqdm(total=src.stat().st_size, unit="B", unit_scale=True,
+                                                    desc=f"tokenizing {src.name}") as bar:
+            rest = ""
+            while block := f.read(chunk_bytes):
+                bar.update(len(block.encode("utf-8")))
+                text, _, rest = (rest + block).rpartition("<|endoftext|>")
+                yield text
+            yield rest
+
+    with mp.Pool(max(1, os.cpu_count() - 1)) as pool:
+        return write_tokens(dst, pool.imap(_encode_stories, chunks()))
+
+
+def prepare_tinystories(out=DATA_DIR / "tinystories"):
+    tok = GPT2Tokenizer()                   # fails early and clearly when its vocabulary cannot be fetched
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    n = {}
+    for split, file in [("val", "valid"), ("train", "train")]:
+        raw = out / f"{file}.txt"
+        download(TINYSTORIES.format(file), raw)
+        n[split] = tokenize_file(raw, out / f"{split}.bin")
+    return write_meta(out, tok, n["train"], n["val"], TINYSTORIES.format("{train,valid}"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare a dataset for train.py under data/<name>/.", allow_abbrev=False)
+    sub = p.add_subparsers(dest="dataset", required=True)
+    sub.add_parser("stdlib", help="this Python's standard library, byte-level (offline, the default corpus)")
+    t = sub.add_parser("text", help="a local text file or folder of files")
+    t.add_argument("path")
+    t.add_argument("--name", help="dataset name under data/ (default: the file or folder name)")
+    t.add_argument("--tokenizer", choices=["bytes", "gpt2"], default="bytes")
+    sub.add_parser("tinystories", help="TinyStories V2 (downloads ~2 GB), GPT-2 BPE")
+    args = p.parse_args(argv)
+    try:
+        if args.dataset == "stdlib":
+            prepare_stdlib()
+        elif args.dataset == "text":
+            prepare_text(args.path, args.name and DATA_DIR / args.name, args.tokenizer)
+        else:
+            prepare_tinystories()
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""
+PonderLM-2 in one file: a language model that thinks in continuous space before every token.
+
+Chain-of-thought spends extra tokens; PonderLM-2 spends extra forward steps. After reading token x_t the model
+emits a *latent thought* z_t: its own last hidden state (the final-norm output, the vector the LM head reads).
+That vector is fed straight back in as the input of one more sequence slot, and the output of that slot predicts
+x_{t+1}. With K thoughts per token every position owns K+1 consecutive slots, all at rotary position t:
+
+    vanilla (K=0):  x1 ────────► x2 ────────► x3           x_t predicts x_{t+1}
+    K = 1:          x1  z1 ────► x2  z2 ────► x3  z3       z_t predicts x_{t+1}
+    K = 2:          x1  z1' z1'' ► x2  z2' z2'' ► ...      the last slot of a position is the one scored
+    position:       0   0   0     1   1   1
+
+Attention is ordinary causal attention over the interleaved slots. No parameters are added.
+
+Decoding computes the thoughts exactly, one slot at a time, with a KV cache. Training cannot afford that, so it
+solves for all thoughts of a sequence at once by Jacobi (fixed-point) iteration: start with no thoughts, run the
+whole interleaved sequence, feed every slot's output back as the next slot's input, repeat. Causality makes this
+a triangular system, so each pass makes at least one more thought exact; (T-1)*K passes make all of them exact,
+and in practice J = 2 or 3 passes get close. Gradients flow through every pass.
+
+The network itself is a small Llama: RMSNorm pre-norm, rotary positions, SwiGLU, no biases, untied embeddings.
+The method is specified in METHOD.md of this project (paper: Zeng et al., arXiv 2509.23184).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class PonderConfig:
+    vocab_size: int = 256
+    block_size: int = 256     # maximum number of tokens T (not slots: a sequence has (K+1)*T slots)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    n_thoughts: int = 1       # K, latent thoughts per token; 0 is exactly a vanilla transformer
+    jacobi_min: int = 2       # in training J is drawn uniformly from [jacobi_min, jacobi_max] each step
+    jacobi_max: int = 3
+    jacobi_eval: int = 3      # J in eval mode, as in the paper's evaluation
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("n_thoughts", "jacobi_min", "jacobi_max", "jacobi_eval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.jacobi_min > self.jacobi_max:
+            raise ValueError(f"jacobi_min ({self.jacobi_min}) must not exceed jacobi_max ({self.jacobi_max})")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding: rotate pairs (x[i], x[i + hs/2]) by angle pos * theta_i. x: (B, nh, S, hs), cos: (S, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every slot decoded so far, preallocated for `capacity` slots (thoughts count as slots)."""
+
+    def __init__(self, capacity):
+        self.capacity, self.length = capacity, 0
+        self.k, self.v = {}, {}                       # layer -> (B, nh, capacity, hs), made at first use
+
+    def append(self, layer, k, v):
+        """Store the new slots' keys and values of one layer; return all of them so far, (B, nh, length+S, hs)."""
+        end = self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} slots needed, {self.capacity} allocated")
+        if layer not in self.k:
+            shape = (*k.shape[:2], self.capacity, k.size(3))
+            self.k[layer] = k.new_empty(shape)
+            self.v[layer] = v.new_empty(shape)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer, self.n_head = layer, config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, S, C = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, S, hs)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(self.layer, k, v)     # (B, nh, L, hs): earlier slots first, then these S
+        L = k.size(2)
+        if S == L:      # a whole sequence: plain causal attention (flash kernels on GPU)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif S == 1:    # one new slot sees everything in the cache
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:           # S new slots after L-S cached ones: causal, shifted by the cache length
+            mask = torch.ones(S, L, dtype=torch.bool, device=x.device).tril(L - S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, S, C))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), hidden width about 8/3 of the model width, rounded up to 64."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        self.gate = nn.Linear(config.n_embd, hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, hidden, bias=False)
+        self.down = nn.Linear(hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.norm1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.norm2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+def converged(x, before, last):
+    """Jacobi iterates contract (about 0.35 per pass) until they reach rounding noise, a few float epsilons of
+    their scale, where they stall instead of becoming bitwise equal. Call them converged when the largest change
+    is zero, or below eps^(2/3) of the scale and no longer halving. eps is that of the compute dtype (bf16 under
+    autocast). Returns (converged?, the relative change)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    change = ((x - before).abs().max() / before.abs().max()).item()
+    return change == 0 or change < torch.finfo(dtype).eps ** (2 / 3) and last is not None and change > last / 2, change
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Pick the next token from logits (B, V): argmax at temperature 0, else sample from the top_k softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+class PonderLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        d = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, d)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(d, config.norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        # Token embeddings are scaled to unit RMS when there are thoughts, to match the RMS-normalised hidden
+        # states that come back as thoughts (sqrt(2.5 d) times the init std below is 1). Thoughts are not scaled.
+        self.emb_scale = math.sqrt(2.5 * d) if config.n_thoughts > 0 else 1.0
+        # Rotary tables for token positions 0..block_size-1, derived from the config and never saved.
+        hs = d // config.n_head
+        inv_freq = config.rope_theta ** -(torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)   # (T, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)   # kept in float64, cast at use
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        # The authors' init: truncated normal with std sqrt(2/(5d)) for every matrix and the embedding, the two
+        # projections that write into the residual stream further divided by sqrt(2 * n_layer).
+        std = math.sqrt(2 / (5 * d))
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                s = std / math.sqrt(2 * config.n_layer) if name.endswith(("attn.proj.weight", "down.weight")) else std
+                nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s)
+
+    def num_params(self, non_embedding=False):
+        """Parameters, the same for every K; non_embedding counts only the transformer blocks and final norm."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() - self.lm_head.weight.numel() if non_embedding else n
+
+    def embed(self, idx):
+        return self.wte(idx) * self.emb_scale       # (B, T, d)
+
+    def run(self, x, pos, cache=None):
+        """One pass of the blocks over S slots x (B, S, d) at rotary positions pos (S,); the final-norm output."""
+        cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)       # (S, hs/2)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += x.size(1)
+        return self.norm_f(x)                         # (B, S, d): the vectors the LM head reads, and thoughts are
+
+    def run_slots(self, x):
+        """One pass over an interleaved sequence x (B, T, n, d): n slots per token, all at the token's position."""
+        B, T, n, d = x.shape
+        pos = torch.arange(T, device=x.device).repeat_interleave(n)           # 0,0,1,1,2,2,... for n = 2
+        return self.run(x.reshape(B, T * n, d), pos).view(B, T, n, d)
+
+    def think(self, e, passes, until_fixed=False):
+        """The latent-thought loop. From token embeddings e (B, T, 1, d), build the thought slots by passes over
+        the whole sequence: each pass feeds the final-norm output at every slot back in as the next slot's input.
+        The first K passes grow the chain (1, 2, .. K thoughts), the rest are Jacobi refinements.
+        until_fixed: stop early once the thoughts have stopped changing, up to float rounding (see converged)."""
+        K = self.config.n_thoughts
+        x, last = e, None                                 # x: (B, T, 1, d), token slots only, no thoughts yet
+        for _ in range(passes):
+            h = self.run_slots(x)                         # (B, T, n, d): final-norm output of every slot
+            x, before = torch.cat([e, h[:, :, :K]], dim=2), x   # slot k's output becomes slot k+1's input
+            if until_fixed and x.shape == before.shape:
+                done, last = converged(x, before, last)
+                if done:
+                    break
+        return x                                          # (B, T, K+1, d) once passes >= K
+    def forward(self, idx, targets=None, jacobi=None):
+        """Training forward. idx, targets: (B, T) token ids (targets -1 are ignored). jacobi: the number J of
+        Jacobi passes (default: drawn from [jacobi_min, jacobi_max] in train mode, jacobi_eval in eval mode), or
+        "exact" to iterate until the thoughts stop changing. Returns logits (B, T, V) and the mean loss or None."""
+        B, T = idx.shape
+        K = self.config.n_thoughts
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(idx.shape)} like idx")
+        if jacobi is None:
+            c = self.config
+            jacobi = int(torch.randint(c.jacobi_min, c.jacobi_max + 1, ())) if self.training else c.jacobi_eval
+        if jacobi != "exact" and (not isinstance(jacobi, int) or jacobi < 0):
+            raise ValueError(f"jacobi must be a non-negative int or 'exact', got {jacobi!r}")
+
+        e = self.embed(idx)[:, :, None]                   # (B, T, 1, d)
+        if jacobi == "exact":
+            x = self.think(e, T * K, until_fixed=True)    # T*K passes always suffice; usually far fewer
+        else:
+            x = self.think(e, K + jacobi if K else 0)     # K = 0: no thought passes at all, a vanilla LM
+        h = self.run_slots(x)                             # final pass, (B, T, K+1, d)
+        logits = self.lm_head(h[:, :, K])                 # (B, T, V): the last slot of token t predicts t+1
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Exact decoding with a KV cache: per token, K+1 forward steps at the same position, each appending a slot.
+
+    @torch.no_grad()
+    def prefill(self, idx, cache, exact=True):
+        """Run a prompt (B, T) into an empty cache. Its thoughts are solved by Jacobi passes, until they stop
+        changing (exact) or for jacobi_eval passes (the authors' approximation), then one pass fills the cache.
+        Returns the logits (B, V) for the next token and the K thoughts (B, K, d) of the prompt's last token."""
+        B, T = idx.shape
+        K = self.config.n_thoughts
+        if T > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens is longer than block_size {self.config.block_size}")
+        e = self.embed(idx)[:, :, None]
+        x = self.think(e, T * K, until_fixed=True) if exact else self.think(e, K + self.config.jacobi_eval if K else 0)
+        pos = torch.arange(T, device=idx.device).repeat_interleave(K + 1)
+        h = self.run(x.flatten(1, 2), pos, cache)         # (B, T*(K+1), d)
+        return self.lm_head(h[:, -1]), x[:, -1, 1:]
+
+    @torch.no_grad()
+    def step(self, idx, cache):
+        """Decode one token idx (B,) at the next position: its own slot, then K thought slots, each fed the
+        final-norm output of the slot before it. Returns next-token logits (B, V) and the thoughts (B, K, d)."""
+        K = self.config.n_thoughts
+        p = cache.length // (K + 1)
+        if p >= self.config.block_size:
+            raise ValueError(f"position {p} is past block_size {self.config.block_size}: start a new cache")
+        pos = torch.full((1,), p, device=idx.device)
+        h = self.run(self.embed(idx)[:, None], pos, cache)    # (B, 1, d): the token's slot
+        thoughts = []
+        for _ in range(K):
+            thoughts.append(h)
+            h = self.run(h, pos, cache)                       # the latent thought: the output goes back in
+        return self.lm_head(h[:, 0]), torch.cat(thoughts, dim=1) if K else h[:, :0]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, exact_prefill=True, generator=None):
+        """Continue the prompts idx (B, T). Yields, per new token, (token (B,), the K thoughts (B, K, d) that
+        preceded it). When the context is full, the last block_size/2 tokens are prefilled again and decoding
+        goes on from there."""
+        T_max, K = self.config.block_size, self.config.n_thoughts
+        idx = idx[:, -T_max:]
+        cache = KVCache(T_max * (K + 1))
+        logits, thoughts = self.prefill(idx, cache, exact_prefill)
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, generator)
+            yield token, thoughts
+            if i == max_new_tokens - 1:
+                break
+            idx = torch.cat([idx, token[:, None]], dim=1)
+            if cache.length == cache.capacity:            # no position left: restart from the recent half
+                idx = idx[:, -(T_max // 2):]
+                cache = KVCache(T_max * (K + 1))
+                logits, thoughts = self.prefill(idx, cache, exact_prefill)
+            else:
+                logits, thoughts = self.step(token, cache)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Cost
+
+    def flops_per_token(self, training=True, jacobi=None):
+        """Model FLOPs per token: a training step (forward + backward, J Jacobi passes; default the mean of the
+        training range) or decoding with a full cache of block_size tokens. Matmuls count 2 FLOPs per weight per
+        slot; attention counts 4*d FLOPs per layer per (query slot, key slot) over the full context, as PaLM does."""
+        c = self.config
+        K, L, d, T = c.n_thoughts, c.n_layer, c.n_embd, c.block_size
+        N = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)     # weights of the block matmuls
+        head = 2 * d * c.vocab_size                       # the LM head runs once per token, at slot K
+
+        def one_pass(n):                                  # forward FLOPs per token of a pass with n slots a token
+            return n * (2 * N + 4 * L * d * n * T)
+
+        if not training:
+            return one_pass(K + 1) + head                 # K+1 steps, each attending to (K+1)*T cached slots
+        J = (c.jacobi_min + c.jacobi_max) / 2 if jacobi is None else jacobi
+        forward = sum(one_pass(n) for n in range(1, K + 1)) + (J if K else 0) * one_pass(K + 1)
+        return 3 * (forward + one_pass(K + 1) + head)     # backward costs twice the forward

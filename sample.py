@@ -1,0 +1,132 @@
+"""
+Sample from a trained PonderLM-2, one token at a time, with K latent thoughts before every token.
+
+    python sample.py                                   # continue "\\n" three times, from out/ckpt.pt
+    python sample.py --start="def merge(" --show_thoughts
+    python sample.py --start=FILE:prompt.txt --temperature=0 --max_new_tokens=200
+
+Decoding is the exact recurrence of the method: for every token, its own slot and then K thought slots at the
+same position, each fed the final-norm output of the slot before, all appended to a KV cache. The prompt is
+prefilled exactly (Jacobi passes until the thoughts stop changing) unless --prefill=jacobi. Text goes to stdout;
+notes, the legend and the speed go to stderr.
+"""
+
+import codecs
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.prepare import get_tokenizer
+from ponder import PonderConfig, PonderLM
+from train import Fail, load_checkpoint, opt, parse_options, pick_device
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = opt("out", "folder with the ckpt.pt of a train.py run")
+    start: str = opt("\n", "the prompt, or FILE:path to read it from a file")
+    num_samples: int = opt(3, "how many continuations")
+    max_new_tokens: int = opt(400, "tokens per continuation")
+    temperature: float = opt(0.8, "softmax temperature; 0 picks the most likely token")
+    top_k: int = opt(200, "sample among the top_k most likely tokens")
+    seed: int = opt(1337, "random seed: the same seed gives the same text")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = opt("auto", "auto (bfloat16 on CUDA, else float32), bfloat16 or float32")
+    prefill: str = opt("exact", "exact (iterate until the prompt's thoughts are fixed) or jacobi (jacobi_eval passes)")
+    show_thoughts: bool = opt(False, "print each latent thought, as the tokens it would decode to, between the tokens")
+    thought_tokens: int = opt(3, "with --show_thoughts: top tokens shown per thought")
+
+
+def readable(b):
+    """A token's bytes for display inside a thought: whitespace and control characters made visible."""
+    s = b.decode("utf-8", errors="backslashreplace")
+    s = s.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def main(argv=None):
+    cfg, _ = parse_options(SampleConfig, argv, "Sample from a trained PonderLM-2.")
+    if cfg.temperature < 0:
+        raise Fail(f"--temperature must be >= 0, got {cfg.temperature}")
+    if cfg.top_k < 1 or cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.thought_tokens < 1:
+        raise Fail("--top_k, --num_samples, --max_new_tokens and --thought_tokens must be at least 1")
+    if cfg.prefill not in ("exact", "jacobi"):
+        raise Fail(f"--prefill={cfg.prefill}: use exact or jacobi")
+    device, kind, dtype = pick_device(cfg.device, cfg.dtype)
+
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if not path.exists():
+        raise Fail(f"no checkpoint at {path}: train one with `python train.py` (or pass --out_dir)")
+    ckpt = load_checkpoint(path)
+    model = PonderLM(PonderConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval().to(device)
+    try:
+        tok = get_tokenizer(ckpt["tokenizer"])
+    except RuntimeError as e:
+        raise Fail(str(e)) from None
+    K, T = model.config.n_thoughts, model.config.block_size
+
+    start = cfg.start
+    if start.startswith("FILE:"):
+        try:
+            start = Path(start[5:]).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise Fail(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
+    ids = tok.encode(start)
+    if not ids:
+        raise Fail("the prompt is empty: give at least one character with --start")
+    if len(ids) > T:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {T} (block_size)", file=sys.stderr)
+        ids = ids[-T:]
+    prompt = torch.tensor([ids], device=device)
+
+    color = sys.stdout.isatty()
+    dim, reset = ("\033[2;36m", "\033[0m") if color else ("", "")
+    if cfg.show_thoughts:
+        print(f"legend: before each token the model thinks {K} latent thought(s). Each ⟦...⟧ is one thought, shown "
+              f"as the {cfg.thought_tokens} tokens the LM head would read from it, with probabilities "
+              "(␣ space, ↵ newline, ⇥ tab); the real text goes on between them.", file=sys.stderr)
+    autocast = torch.autocast(kind, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    samples, n_tokens, seconds = [], 0, 0.0
+    for i in range(cfg.num_samples):
+        print(f"---------- sample {i + 1}/{cfg.num_samples}", file=sys.stderr, flush=True)
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")   # tokens can split a character
+        sys.stdout.write(tok.decode(ids))
+        out = []
+        t0 = time.perf_counter()
+        with autocast:
+            for token, thoughts in model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                                  exact_prefill=cfg.prefill == "exact", generator=generator):
+                if cfg.show_thoughts:
+                    probs = torch.softmax(model.lm_head(thoughts[0]).float(), dim=-1)       # (K, V)
+                    top = torch.topk(probs, cfg.thought_tokens)
+                    for p, t in zip(top.values.tolist(), top.indices.tolist()):
+                        shown = " ".join(f"{readable(tok.token_bytes(j))} {q:.0%}" for q, j in zip(p, t))
+                        sys.stdout.write(f"{dim}⟦{shown}⟧{reset}")
+                out.append(token.item())
+                sys.stdout.write(text.decode(tok.token_bytes(out[-1])))
+                sys.stdout.flush()
+        if kind == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        print(text.decode(b"", final=True), flush=True)
+        samples.append(out)
+        n_tokens += len(out)
+    print(f"---------- {n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s, "
+          f"{K * n_tokens / seconds:.1f} thought steps/s (K={K}, {device}, {dtype}, prompt prefill included)",
+          file=sys.stderr)
+    return samples
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Fail as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

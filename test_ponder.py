@@ -1,0 +1,460 @@
+"""Tests for ponder: the model's exactness and causality, training, data preparation and sampling. CPU, no network.
+
+Run with `python -m pytest -q` from the repository root.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ponder import KVCache, PonderConfig, PonderLM
+
+
+def tiny(n_thoughts=1, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, n_thoughts=n_thoughts)
+    model = PonderLM(PonderConfig(**{**cfg, **kw})).to(dtype)
+    return model.eval()
+
+
+def tokens(B=2, T=8, vocab=32, seed=1):
+    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def exact_without_cache(model, idx):
+    """The exact recurrence, recomputed from scratch for every slot: no cache, no Jacobi iteration."""
+    K = model.config.n_thoughts
+    xs, pos, logits = [], [], []
+    for t in range(idx.size(1)):
+        xs.append(model.embed(idx[:, t:t + 1]))
+        pos.append(t)
+        for k in range(K + 1):
+            h = model.run(torch.cat(xs, dim=1), torch.tensor(pos))[:, -1:]
+            if k < K:                       # the output of this slot is the input of the next one
+                xs.append(h)
+                pos.append(t)
+        logits.append(model.lm_head(h[:, 0]))
+    return torch.stack(logits, dim=1)
+
+
+def cached_decoding(model, idx):
+    cache = KVCache(idx.size(1) * (model.config.n_thoughts + 1))
+    return torch.stack([model.step(idx[:, t], cache)[0] for t in range(idx.size(1))], dim=1)
+
+
+# ---- the model ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("J", [0, 1, 3])
+def test_causality(K, J):
+    model = tiny(K)
+    idx = tokens()
+    for t in [0, 3, 6]:
+        other = idx.clone()
+        other[:, t + 1:] = (other[:, t + 1:] + 1 + torch.arange(7 - t)) % 32
+        a, _ = model(idx, jacobi=J)
+        b, _ = model(other, jacobi=J)
+        torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-12)
+        assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-6     # and later positions do see the change
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_jacobi_converges_to_cached_decoding(K):
+    model = tiny(K)
+    idx = tokens()
+    T = idx.size(1)
+    exact = cached_decoding(model, idx)
+    full, _ = model(idx, jacobi=(T - 1) * K)
+    torch.testing.assert_close(full, exact, rtol=0, atol=1e-10)
+    fixed, _ = model(idx, jacobi="exact")
+    torch.testing.assert_close(fixed, exact, rtol=0, atol=1e-10)
+    gaps = [(model(idx, jacobi=J)[0] - exact).abs().max().item() for J in (1, 3, 5)]
+    assert gaps[1] > 1e-6, "J = 3 should not already be exact on 8 tokens"
+    assert gaps[0] > gaps[1] > gaps[2], gaps
+
+
+def test_exact_thoughts_stop_early_in_float32(monkeypatch):
+    model = tiny(1, dtype=torch.float32, block_size=64, seed=3)
+    idx = tokens(T=64)
+    passes = []
+    run_slots = model.run_slots
+    monkeypatch.setattr(model, "run_slots", lambda x: passes.append(1) or run_slots(x))
+    logits, _ = model(idx, jacobi="exact")
+    assert len(passes) < 64 / 2, f"{len(passes)} passes: the rounding-level stop did not trigger"
+    torch.testing.assert_close(logits, cached_decoding(model, idx), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("K", [0, 1, 2])
+def test_cache_equals_recomputation(K):
+    model = tiny(K)
+    idx = tokens()
+    torch.testing.assert_close(cached_decoding(model, idx), exact_without_cache(model, idx), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_prefill_then_step_is_exact(K):
+    model = tiny(K)
+    idx = tokens()
+    exact = exact_without_cache(model, idx)
+    cache = KVCache(8 * (K + 1))
+    logits, thoughts = model.prefill(idx[:, :5], cache, exact=True)
+    assert thoughts.shape == (2, K, 16)
+    torch.testing.assert_close(logits, exact[:, 4], rtol=0, atol=1e-10)
+    for t in range(5, 8):
+        logits, _ = model.step(idx[:, t], cache)
+        torch.testing.assert_close(logits, exact[:, t], rtol=0, atol=1e-10)
+
+
+def plain_transformer(model, idx):
+    """A vanilla pre-norm Llama forward written from scratch over the model's weights: explicit softmax attention,
+    rotary embeddings by complex multiplication."""
+    c = model.config
+    d, nh = c.n_embd, c.n_head
+    hs = d // nh
+    T = idx.size(1)
+
+    def norm(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.norm_eps) * w
+
+    def rope(x):                            # x: (B, T, nh, hs); rotate (x[i], x[i + hs/2]) as one complex number
+        z = torch.complex(x[..., :hs // 2], x[..., hs // 2:])
+        freqs = c.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+        z = z * torch.polar(torch.ones(T, hs // 2, dtype=torch.float64), torch.arange(T)[:, None] * freqs)[:, None]
+        return torch.cat([z.real, z.imag], dim=-1)
+
+    x = model.wte.weight[idx]
+    mask = torch.full((T, T), float("-inf"), dtype=x.dtype).triu(1)
+    for blk in model.blocks:
+        a = norm(x, blk.norm1.weight)
+        q, k, v = (a @ blk.attn.qkv.weight.T).split(d, dim=-1)
+        q, k, v = rope(q.view(*q.shape[:2], nh, hs)), rope(k.view(*k.shape[:2], nh, hs)), v.view(*v.shape[:2], nh, hs)
+        att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hs) + mask
+        y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(x.shape)
+        x = x + y @ blk.attn.proj.weight.T
+        m = norm(x, blk.norm2.weight)
+        x = x + (F.silu(m @ blk.mlp.gate.weight.T) * (m @ blk.mlp.up.weight.T)) @ blk.mlp.down.weight.T
+    return norm(x, model.norm_f.weight) @ model.lm_head.weight.T
+
+
+def test_no_thoughts_is_a_plain_transformer():
+    model = tiny(0)
+    idx = tokens()
+    logits, _ = model(idx)
+    torch.testing.assert_close(logits, plain_transformer(model, idx), rtol=0, atol=1e-10)
+    assert model.emb_scale == 1.0
+    sizes = {tiny(K).num_params() for K in (0, 1, 2, 3)}
+    assert len(sizes) == 1, sizes
+
+
+def test_no_thoughts_costs_one_pass(monkeypatch):
+    model = tiny(0)
+    calls = []
+    run = model.run
+    monkeypatch.setattr(model, "run", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    model(tokens(), jacobi=3)
+    assert len(calls) == 1
+    model1 = tiny(1)
+    run1 = model1.run
+    monkeypatch.setattr(model1, "run", lambda *a, **kw: calls.append(1) or run1(*a, **kw))
+    calls.clear()
+    model1(tokens(), jacobi=3)
+    assert len(calls) == 1 + 3 + 1                     # K init passes, J Jacobi passes, the final pass
+
+
+def test_loss_at_init_and_gradients():
+    torch.manual_seed(0)
+    model = PonderLM(PonderConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=64, n_thoughts=1))
+    idx = torch.randint(256, (4, 33))
+    model.train()
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    assert abs(loss.item() - math.log(256)) < 0.4, loss.item()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} received no gradient"
+
+
+def test_scaled_embedding_has_unit_rms():
+    model = PonderLM(PonderConfig(vocab_size=256, n_embd=256, n_thoughts=1))
+    rms = model.embed(torch.arange(256)).pow(2).mean().sqrt().item()
+    assert 0.9 < rms < 1.1, rms
+
+
+@pytest.mark.parametrize("K", [0, 1])
+def test_overfits_one_batch(K):
+    torch.manual_seed(0)
+    model = PonderLM(PonderConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, n_thoughts=K))
+    idx = torch.randint(32, (2, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+
+
+def test_clear_errors():
+    model = tiny(1)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(tokens(T=9))
+    with pytest.raises(ValueError, match="targets have shape"):
+        model(tokens(), tokens()[:, :-1])
+    with pytest.raises(ValueError, match="jacobi"):
+        model(tokens(), jacobi=-1)
+    for bad in [dict(n_thoughts=-1), dict(jacobi_min=-1), dict(jacobi_eval=-2), dict(jacobi_min=3, jacobi_max=2),
+                dict(n_embd=30, n_head=4)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PonderConfig(**bad)
+
+
+def test_flops():
+    L, K1 = tiny(0, n_layer=4), tiny(1, n_layer=2)
+    N = sum(p.numel() for p in K1.blocks.parameters() if p.dim() == 2)
+    # K = 1 with L layers does the same matmul work per decoded token as K = 0 with 2L layers
+    attn = lambda m, slots: 4 * m.config.n_layer * 16 * slots * 8 * (slots)  # noqa: E731
+    assert L.flops_per_token(training=False) - attn(L, 1) == K1.flops_per_token(training=False) - attn(K1, 2)
+    # a K = 1 training step costs about (3 + 2J)x the vanilla one of the same depth
+    V0 = tiny(0, n_layer=2)
+    assert V0.flops_per_token() == 3 * (2 * N + 4 * 2 * 16 * 8 + 2 * 16 * 32)
+    ratio = K1.flops_per_token(jacobi=2) / V0.flops_per_token()
+    assert 5 < ratio < 3 + 2 * 2 + 4, ratio
+
+
+def test_generate_runs_past_block_size():
+    model = tiny(1, dtype=torch.float32)
+    out = list(model.generate(tokens(B=1, T=3), max_new_tokens=20, temperature=0))
+    assert len(out) == 20
+    assert all(tok.shape == (1,) and th.shape == (1, 1, 16) for tok, th in out)
+
+
+# ---- data and training ----------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import train  # noqa: E402
+from data.prepare import ByteTokenizer, prepare_documents, prepare_text  # noqa: E402
+
+REPO = Path(__file__).resolve().parent
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # é ✓\n\n" for i in range(200))
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--micro_batch=4", "--batch_tokens=128",
+        "--eval_batches=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu", "--lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small byte-level dataset of 30 documents (so that val gets whole documents)."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare_documents(out, [TEXT[i * 300:(i + 1) * 300 + 700].encode() for i in range(30)], ByteTokenizer(), "test")
+    return str(out)
+
+
+def train_run(dataset, out, *args):
+    return train.main([f"--dataset={dataset}", f"--out_dir={out}", *TINY, *args])
+
+
+def log_losses(out):
+    entries = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in entries if "loss" in e}
+
+
+def weights(out):
+    return torch.load(Path(out) / "ckpt.pt", weights_only=True)["model"]
+
+
+def test_prepare_text_file(tmp_path):
+    src = tmp_path / "notes.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    meta = prepare_text(src, out=tmp_path / "notes")
+    n = len(TEXT.encode("utf-8"))
+    assert (meta["train_tokens"], meta["val_tokens"]) == (int(0.9 * n), n - int(0.9 * n))
+    assert json.loads((tmp_path / "notes" / "meta.json").read_text())["vocab_size"] == 256
+    ids = np.concatenate([np.fromfile(tmp_path / "notes" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    assert ByteTokenizer().decode(ids.tolist()) == TEXT
+
+
+def test_resume_equals_uninterrupted(dataset, tmp_path):
+    train_run(dataset, tmp_path / "a", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3")
+    train_run(dataset, tmp_path / "b", "--max_iters=3", "--lr_decay_iters=6", "--eval_interval=3")
+    train_run(dataset, tmp_path / "b", "--max_iters=6")          # --init_from=auto finds the checkpoint
+    a, b = log_losses(tmp_path / "a"), log_losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6), step
+    for k, w in weights(tmp_path / "a").items():
+        torch.testing.assert_close(w, weights(tmp_path / "b")[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_accumulation(dataset, tmp_path):
+    common = [f"--dataset={dataset}", *TINY, "--max_iters=4", "--eval_interval=4"]
+    train.main([*common, f"--out_dir={tmp_path / 'one'}"])           # 128 tokens = 4 seqs x 16 x 2 micro-steps
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *common, f"--out_dir={tmp_path / 'two'}"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks x 1 accumulation" in result.stdout
+    one, two = log_losses(tmp_path / "one"), log_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert one[step] == pytest.approx(two[step], abs=1e-5), step
+    for k, w in weights(tmp_path / "one").items():
+        torch.testing.assert_close(w, weights(tmp_path / "two")[k], rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_diverging_run_stops_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch):
+    train_run(dataset, tmp_path, "--max_iters=2", "--eval_interval=2")
+    forward = PonderLM.forward
+
+    def nan_forward(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        return logits, loss * float("nan")
+
+    monkeypatch.setattr(PonderLM, "forward", nan_forward)
+    with pytest.raises(train.Fail, match="diverged"):
+        train_run(dataset, tmp_path, "--max_iters=4")
+    ckpt = weights(tmp_path)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    assert all(torch.isfinite(w).all() for w in ckpt.values())
+
+
+def test_clear_errors_from_train(dataset, tmp_path, capsys):
+    with pytest.raises(train.Fail, match="not found"):
+        train_run(str(tmp_path / "nothing"), tmp_path / "o1")
+    with pytest.raises(train.Fail, match="fewer than block_size"):
+        train_run(dataset, tmp_path / "o2", "--block_size=4096")
+    with pytest.raises(train.Fail, match="not a multiple"):
+        train_run(dataset, tmp_path / "o2", "--batch_tokens=100")
+    with pytest.raises(train.Fail, match="no checkpoint"):
+        train_run(dataset, tmp_path / "o2", "--init_from=resume")
+    # a checkpoint of another shape, and one of another vocabulary
+    train_run(dataset, tmp_path / "o3", "--max_iters=1")
+    with pytest.raises(train.Fail, match="n_layer=2, not 3"):
+        train_run(dataset, tmp_path / "o3", "--n_layer=3", "--max_iters=2")
+    gpt2 = tmp_path / "gpt2data"
+    gpt2.mkdir()
+    for split in ("train", "val"):
+        np.arange(1000, dtype=np.uint16).tofile(gpt2 / f"{split}.bin")
+    (gpt2 / "meta.json").write_text(json.dumps(dict(tokenizer="gpt2", vocab_size=50257, train_tokens=1000,
+                                                    val_tokens=1000)))
+    with pytest.raises(train.Fail, match="vocabulary of 256"):
+        train_run(str(gpt2), tmp_path / "o3", "--max_iters=2")
+    # a checkpoint whose tensors do not fit its own config, and a corrupt file
+    ckpt = torch.load(tmp_path / "o3" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["lm_head.weight"] = torch.zeros(3, 3)
+    torch.save(ckpt, tmp_path / "o3" / "ckpt.pt")
+    with pytest.raises(train.Fail, match="does not match"):
+        train_run(dataset, tmp_path / "o3", "--max_iters=2")
+    (tmp_path / "o3" / "ckpt.pt").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(train.Fail, match="not a readable checkpoint"):
+        train_run(dataset, tmp_path / "o3", "--max_iters=2")
+    # bad command lines name the option
+    for argv, expected in [(["--n_layers=3"], "did you mean --n_layer"), (["--max_iters=ten"], "--max_iters"),
+                           (["--compile=maybe"], None), (["--n_thoughts=-1"], None)]:
+        try:
+            train_run(dataset, tmp_path / "o4", *argv)
+        except SystemExit:
+            assert expected in capsys.readouterr().err
+        except train.Fail as e:
+            assert argv[0].split("=")[0].lstrip("-") in str(e)
+        else:
+            pytest.fail(f"{argv} was accepted")
+
+
+def test_cli_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--dataset=missing_dataset", f"--out_dir={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: dataset 'missing_dataset'")
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------
+
+import sample  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["K1", "K2"])
+def trained(request, dataset, tmp_path_factory):
+    """A checkpoint from a short train.py run."""
+    out = tmp_path_factory.mktemp(f"run_k{request.param}")
+    train.main([f"--dataset={dataset}", f"--out_dir={out}", *TINY, f"--n_thoughts={request.param}", "--max_iters=5",
+                "--eval_interval=5"])
+    return out
+
+
+def test_sampling_is_reproducible(trained, capsys):
+    args = [f"--out_dir={trained}", "--max_new_tokens=20", "--num_samples=2", "--start=def f"]
+    first = sample.main([*args, "--seed=7"])
+    assert len(first) == 2 and all(len(s) == 20 for s in first)
+    assert sample.main([*args, "--seed=7"]) == first
+    assert sample.main([*args, "--seed=8"]) != first
+    assert "tokens/s" in capsys.readouterr().err
+
+
+def test_greedy_sampling_follows_the_exact_logits(trained):
+    prompt = "def "                                     # 4 + 12 tokens fit in block_size 16
+    out = sample.main([f"--out_dir={trained}", "--temperature=0", "--num_samples=1", "--max_new_tokens=12",
+                       f"--start={prompt}"])[0]
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    model = PonderLM(PonderConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    ids = list(prompt.encode())
+    for t in out:
+        logits = model(torch.tensor([ids]), jacobi="exact")[0][0, -1]
+        assert logits[t] >= logits.max() - 1e-4, "greedy decoding picked a token that is not the argmax"
+        ids.append(t)
+
+
+def test_show_thoughts_prints_k_per_token(trained, capsys):
+    K = torch.load(trained / "ckpt.pt", weights_only=True)["model_config"]["n_thoughts"]
+    sample.main([f"--out_dir={trained}", "--temperature=0", "--num_samples=2", "--max_new_tokens=15",
+                 "--show_thoughts", "--thought_tokens=2"])
+    captured = capsys.readouterr()
+    assert captured.out.count("⟦") == captured.out.count("⟧") == K * 15 * 2
+    assert "\033[" not in captured.out                   # no colour codes when the output is not a terminal
+    assert "legend" in captured.err
+
+
+def test_sample_errors_and_odd_prompts(trained, tmp_path, capsys):
+    with pytest.raises(train.Fail, match="train one with `python train.py`"):
+        sample.main([f"--out_dir={tmp_path}"])
+    with pytest.raises(train.Fail, match="temperature"):
+        sample.main([f"--out_dir={trained}", "--temperature=-1"])
+    with pytest.raises(train.Fail, match="top_k"):
+        sample.main([f"--out_dir={trained}", "--top_k=0"])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"\xff\xfe broken utf-8 " + b"x = 1\n" * 10)      # longer than block_size 16
+    out = sample.main([f"--out_dir={trained}", f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=40"])
+    assert len(out[0]) == 40
+    assert "keeping its last 16" in capsys.readouterr().err
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    command = "python -m pytest -q"
+    assert f"\n{command}\n" in readme and ci.rstrip().endswith(command)
