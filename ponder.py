@@ -20,7 +20,7 @@ a triangular system, so each pass makes at least one more thought exact; (T-1)*K
 and in practice J = 2 or 3 passes get close. Gradients flow through every pass.
 
 The network itself is a small Llama: RMSNorm pre-norm, rotary positions, SwiGLU, no biases, untied embeddings.
-The method is specified in METHOD.md of this project (paper: Zeng et al., arXiv 2509.23184).
+Paper: Zeng et al., "PonderLM-2: Pretraining LLM with Latent Thoughts in Continuous Space", arXiv 2509.23184.
 """
 
 import math
@@ -215,7 +215,7 @@ class PonderLM(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += x.size(1)
-        return self.norm_f(x)                         # (B, S, d): the vectors the LM head reads, and thoughts are
+        return self.norm_f(x)                         # (B, S, d): what the LM head reads, and what a thought is
 
     def run_slots(self, x):
         """One pass over an interleaved sequence x (B, T, n, d): n slots per token, all at the token's position."""
@@ -238,6 +238,7 @@ class PonderLM(nn.Module):
                 if done:
                     break
         return x                                          # (B, T, K+1, d) once passes >= K
+
     def forward(self, idx, targets=None, jacobi=None):
         """Training forward. idx, targets: (B, T) token ids (targets -1 are ignored). jacobi: the number J of
         Jacobi passes (default: drawn from [jacobi_min, jacobi_max] in train mode, jacobi_eval in eval mode), or

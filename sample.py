@@ -71,7 +71,10 @@ def main(argv=None):
         raise Fail(str(e)) from None
     K, T = model.config.n_thoughts, model.config.block_size
 
-    start = cfg.start
+    # Bytes that are not UTF-8 (in the argument, the file or the output) become U+FFFD, never an exception.
+    start = cfg.start.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    if getattr(sys.stdout, "reconfigure", None):
+        sys.stdout.reconfigure(errors="replace")
     if start.startswith("FILE:"):
         try:
             start = Path(start[5:]).read_text(encoding="utf-8", errors="replace")

@@ -281,6 +281,30 @@ def test_prepare_text_file(tmp_path):
     assert ByteTokenizer().decode(ids.tolist()) == TEXT
 
 
+def test_download_resumes_and_fails_clearly_offline(tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    import data.prepare as prep
+    body = bytes(range(256)) * 100
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv" / "f.txt").write_bytes(body)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "srv"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = tmp_path / "f.txt"
+        Path(f"{dest}.part").write_bytes(body[:1000])        # an interrupted download
+        prep.download(f"http://127.0.0.1:{server.server_port}/f.txt", dest)
+        assert dest.read_bytes() == body and not Path(f"{dest}.part").exists()
+    finally:
+        server.shutdown()
+    with pytest.raises(RuntimeError, match="cannot reach 127.0.0.1:9.*needs the network"):
+        prep.download("http://127.0.0.1:9/nothing.txt", tmp_path / "g.txt")    # nothing listens on port 9
+
+
 def test_resume_equals_uninterrupted(dataset, tmp_path):
     train_run(dataset, tmp_path / "a", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3")
     train_run(dataset, tmp_path / "b", "--max_iters=3", "--lr_decay_iters=6", "--eval_interval=3")
@@ -451,6 +475,8 @@ def test_sample_errors_and_odd_prompts(trained, tmp_path, capsys):
     out = sample.main([f"--out_dir={trained}", f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=40"])
     assert len(out[0]) == 40
     assert "keeping its last 16" in capsys.readouterr().err
+    broken = b"x = \xff\xfe".decode("utf-8", errors="surrogateescape")      # how argv delivers invalid bytes
+    assert len(sample.main([f"--out_dir={trained}", f"--start={broken}", "--num_samples=1", "--max_new_tokens=5"])[0]) == 5
 
 
 def test_ci_runs_the_readme_test_command():

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +224,7 @@ def train_offsets(n, cfg, step, micro):
 
 
 def jacobi_for(cfg, step):
-    """J for this step, the same on every rank (METHOD.md: one draw per step, for the whole batch)."""
+    """J for this step, the same on every rank (the method draws one J per step, for the whole batch)."""
     return int(np.random.default_rng([cfg.seed, step, 1 << 30]).integers(cfg.jacobi_min, cfg.jacobi_max + 1))
 
 
