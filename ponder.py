@@ -190,8 +190,8 @@ class PonderLM(nn.Module):
         hs = d // config.n_head
         inv_freq = config.rope_theta ** -(torch.arange(0, hs, 2, dtype=torch.float64) / hs)
         angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)   # (T, hs/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)   # kept in float64, cast at use
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)   # float32: MPS has no float64
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
         # The authors' init: truncated normal with std sqrt(2/(5d)) for every matrix and the embedding, the two
         # projections that write into the residual stream further divided by sqrt(2 * n_layer).
         std = math.sqrt(2 / (5 * d))

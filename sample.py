@@ -103,7 +103,7 @@ def main(argv=None):
         sys.stdout.write(tok.decode(ids))
         out = []
         t0 = time.perf_counter()
-        with autocast:
+        with autocast, torch.no_grad():
             for token, thoughts in model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                                   exact_prefill=cfg.prefill == "exact", generator=generator):
                 if cfg.show_thoughts:

@@ -100,10 +100,13 @@ def parse_value(kind, text):
             return False
         raise ValueError
     if kind is int:
-        v = float(s.replace("_", ""))        # accepts 1e4 and 10_000
-        if v != int(v):
-            raise ValueError
-        return int(v)
+        try:
+            return int(s)                    # accepts 10_000 too
+        except ValueError:
+            v = float(s)                     # accepts 1e4
+            if not math.isfinite(v) or v != int(v):
+                raise ValueError from None
+            return int(v)
     return kind(text)
 
 
@@ -243,12 +246,12 @@ def evaluate(model, meta, cfg, device, autocast, rank, world, jacobi=None):
     n_windows = cfg.eval_batches * cfg.micro_batch
     offsets = np.linspace(0, meta["val_tokens"] - cfg.block_size - 1, n_windows).astype(np.int64)
     model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)
+    total = torch.zeros(2, device=device)
     for i in range(rank, cfg.eval_batches, world):
         x, y = get_batch(path, offsets[i * cfg.micro_batch:(i + 1) * cfg.micro_batch], cfg.block_size, device)
         with autocast:
             _, loss = model(x, y, jacobi=jacobi)
-        total += torch.stack([loss.double(), torch.ones((), device=device, dtype=torch.float64)])
+        total += torch.stack([loss.float(), torch.ones((), device=device)])
     model.train()
     if world > 1:
         dist.all_reduce(total)
@@ -266,6 +269,12 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):       # make the rename itself durable (POSIX)
+            fd = os.open(Path(path).parent, os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -280,8 +289,9 @@ def load_checkpoint(path):
     return ckpt
 
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-             "A10": 125e12, "4090": 165e12}
+# Dense bf16 peak FLOP/s by device name; the first name contained in torch.cuda.get_device_name() wins.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12,
+             "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
 def peak_flops(kind, dtype):
@@ -289,6 +299,14 @@ def peak_flops(kind, dtype):
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def parses(line):
+    try:
+        json.loads(line)
+        return True
+    except ValueError:                       # a line cut short by a crash
+        return False
 
 
 def fmt_time(s):
@@ -340,6 +358,9 @@ def main(argv=None):
         raise Fail(f"{ckpt_path} has a vocabulary of {ckpt['model_config']['vocab_size']}, dataset {cfg.dataset!r} "
                    f"needs {vocab} ({meta['tokenizer']}); use the dataset it was trained on, or another --out_dir")
 
+    if "micro_batch" not in given:          # the default shrinks to fit: e.g. more ranks, same batch_tokens
+        while cfg.micro_batch > 1 and cfg.batch_tokens % (cfg.micro_batch * cfg.block_size * world):
+            cfg.micro_batch -= 1
     tokens_per_micro = cfg.micro_batch * cfg.block_size * world
     if cfg.batch_tokens % tokens_per_micro:
         raise Fail(f"--batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch*block_size*ranks = "
@@ -402,7 +423,7 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         entries = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").exists() else []
-        kept = [e for e in entries if ckpt is not None and json.loads(e)["step"] <= step]
+        kept = [e for e in entries if ckpt is not None and parses(e) and json.loads(e)["step"] <= step]
         (out / "log.jsonl").write_text("".join(e + "\n" for e in kept), encoding="utf-8")   # drop steps undone
         if step == 0:
             val = run_eval()
@@ -419,7 +440,7 @@ def main(argv=None):
         previous_handler = signal.signal(signal.SIGINT, on_interrupt)
 
     train_path = meta["folder"] / "train.bin"
-    t_start, t_last, step_start, losses = time.time(), time.time(), step, []
+    t_start, t_last, step_start, step_last, losses = time.time(), time.time(), step, step, []
     try:
         while step < cfg.max_iters and not stop:
             lr = lr_at(cfg, step)
@@ -448,32 +469,32 @@ def main(argv=None):
                 if ddp:
                     dist.all_reduce(mean)
                     mean /= world
-                loss_value, n_steps, losses = mean.item(), len(losses), []     # .item() waits for the device
+                loss_value, losses = mean.item(), []                            # .item() waits for the device
                 if not math.isfinite(loss_value):
                     raise Fail(f"loss is {loss_value} at step {step}: training diverged; the last good checkpoint "
                                f"stays in {ckpt_path} (try a lower --lr)")
                 now = time.time()
-                tok_s = n_steps * cfg.batch_tokens / (now - t_last)
+                tok_s = (step - step_last) * cfg.batch_tokens / (now - t_last)
                 eta = (now - t_start) / (step - step_start) * (cfg.max_iters - step)
-                mfu = f"MFU {flops_tok * tok_s / peak:.1%}" if peak else f"{flops_tok * tok_s / 1e9:.1f} GFLOP/s"
+                mfu = f"MFU {flops_tok * tok_s / (peak * world):.1%}" if peak else f"{flops_tok * tok_s / 1e9:.1f} GFLOP/s"
                 log(f"step {step}/{cfg.max_iters} ({step / cfg.max_iters:.0%}) | loss {loss_value:.4f} | lr {lr:.2e} | "
                     f"{tok_s:,.0f} tok/s | {mfu} | ETA {fmt_time(eta)}")
                 if master:
                     record({"step": step, "loss": loss_value, "lr": lr, "tok_per_s": tok_s, "time": now - t_start})
-                t_last = now
+                t_last, step_last = now, step
             if step % cfg.eval_interval == 0 or step == cfg.max_iters or stop:
                 val = run_eval()
                 log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + f"; saved {ckpt_path}")
                 if master:
                     record({"step": step, **val})
                     checkpoint(val)
-                t_last = time.time()                    # tokens/s counts training time only
+                t_last, step_last = time.time(), step   # tokens/s counts training time only
     finally:
         if not ddp:
             signal.signal(signal.SIGINT, previous_handler)
     if stop:
         log(f"interrupted at step {step}; run the same command again to continue")
-    elif step_start == cfg.max_iters:
+    elif step_start >= cfg.max_iters:
         log(f"{ckpt_path} has already trained for max_iters={cfg.max_iters}; pass a larger --max_iters to go on")
     if ddp:
         dist.destroy_process_group()

@@ -133,7 +133,7 @@ def prepare_text(path, out=None, tokenizer="bytes"):
         p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
     if not files:
         raise FileNotFoundError(f"{path} holds no files")
-    return prepare_documents(out or DATA_DIR / path.stem, [f.read_bytes() for f in files],
+    return prepare_documents(out or DATA_DIR / path.resolve().stem, [f.read_bytes() for f in files],
                              get_tokenizer(tokenizer), str(path.resolve()))
 
 
@@ -147,9 +147,12 @@ def download(url, dest):
     try:
         response = urllib.request.urlopen(request, timeout=30)
     except urllib.error.HTTPError as e:
-        if e.code == 416:           # the part file is already complete
-            os.replace(part, dest)
-            return
+        if e.code == 416 and have:  # nothing left to send: complete if the sizes agree, else start over
+            if e.headers.get("Content-Range", "").rpartition("/")[2] == str(have):
+                os.replace(part, dest)
+                return
+            part.unlink()
+            return download(url, dest)
         raise RuntimeError(f"download of {url} failed: HTTP {e.code}") from None
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(f"cannot reach {url.split('/')[2]} ({getattr(e, 'reason', e)}): this dataset needs the "
