@@ -123,7 +123,8 @@ def plain_transformer(model, idx):
         freqs = c.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
         turn = torch.polar(torch.ones(T, hs // 2, dtype=torch.float64), torch.arange(T)[:, None] * freqs)
         turn = torch.complex(turn.real.float().double(), turn.imag.float().double())   # the model keeps float32 tables
-        return torch.cat([(z * turn[:, None]).real, (z * turn[:, None]).imag], dim=-1)
+        z = z * turn[:, None]
+        return torch.cat([z.real, z.imag], dim=-1)
 
     x = model.wte.weight[idx]
     mask = torch.full((T, T), float("-inf"), dtype=x.dtype).triu(1)

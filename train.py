@@ -301,12 +301,12 @@ def peak_flops(kind, dtype):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def parses(line):
+def logged_step(line):
+    """The step of a log.jsonl line, or None for a line cut short by a crash."""
     try:
-        json.loads(line)
-        return True
-    except ValueError:                       # a line cut short by a crash
-        return False
+        return json.loads(line)["step"]
+    except ValueError:
+        return None
 
 
 def fmt_time(s):
@@ -423,7 +423,7 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         entries = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").exists() else []
-        kept = [e for e in entries if ckpt is not None and parses(e) and json.loads(e)["step"] <= step]
+        kept = [e for e in entries if ckpt is not None and (s := logged_step(e)) is not None and s <= step]
         (out / "log.jsonl").write_text("".join(e + "\n" for e in kept), encoding="utf-8")   # drop steps undone
         if step == 0:
             val = run_eval()

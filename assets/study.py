@@ -78,8 +78,23 @@ def log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+def evals(out):
+    """The evaluations made during training (not those of a later --eval_only)."""
+    return [e for e in log(out) if "val_loss" in e and not e.get("eval_only")]
+
+
 def final_val(out):
-    return [e for e in log(out) if "val_loss" in e and not e.get("eval_only")][-1]["val_loss"]
+    return evals(out)[-1]["val_loss"]
+
+
+def exact_val(out):
+    """Val loss with exact thoughts, from a `train.py --eval_only --eval_exact` run made once."""
+    def logged():
+        return [e["val_loss_exact"] for e in log(out) if e.get("eval_only") and "val_loss_exact" in e]
+    if not logged():
+        subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--eval_only", "--eval_exact"], cwd=REPO,
+                       check=True, capture_output=True)
+    return logged()[-1]
 
 
 def run_all(jobs):
@@ -123,17 +138,9 @@ def main():
                  train_tokens=steps(row) * 1024, train_flops=m.flops_per_token() * steps(row) * 1024,
                  infer_flops=m.flops_per_token(training=False), wall=[json.loads((o / "done.json").read_text())["wall"]
                                                                        for o in outs],
-                 curves={o.name: [(e["step"] * 1024, e["val_loss"]) for e in log(o) if "val_loss" in e
-                                  and not e.get("eval_only")] for o in outs})
+                 curves={o.name: [(e["step"] * 1024, e["val_loss"]) for e in evals(o)] for o in outs})
         if ROWS[row][1]:                        # ponder rows: val loss with exact thoughts too
-            r["val_exact"] = []
-            for o in outs:
-                entry = [e for e in log(o) if e.get("eval_only") and "val_loss_exact" in e]
-                if not entry:
-                    subprocess.run([sys.executable, "train.py", f"--out_dir={o}", "--eval_only", "--eval_exact"],
-                                   cwd=REPO, check=True, capture_output=True)
-                    entry = [e for e in log(o) if e.get("eval_only") and "val_loss_exact" in e]
-                r["val_exact"].append(entry[-1]["val_loss_exact"])
+            r["val_exact"] = [exact_val(o) for o in outs]
         results[row] = r
     for row, speed in decode_speeds({row: run_dir(row, r["lr"], 1) for row, r in results.items()}).items():
         results[row]["decode"] = speed
@@ -145,18 +152,18 @@ def decode_speeds(outs, rounds=5):
     """Tokens/s of `sample.py` (3 x 500 tokens, greedy) per run, measured alone on one thread. This machine's
     timings wander by 10-20 % from one run to the next, so the rows take turns for several rounds and each keeps
     its best."""
-    path = STUDY / "decode.json"
+    path = STUDY / "decode.json"                 # {run folder: [tokens/s per round]}
     speeds = json.loads(path.read_text()) if path.exists() else {}
-    if set(speeds) != set(outs):
-        speeds = {row: [] for row in outs}
+    if set(speeds) != {out.name for out in outs.values()}:
+        speeds = {out.name: [] for out in outs.values()}
         for _ in range(rounds):
-            for row, out in outs.items():
+            for out in outs.values():
                 p = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--num_samples=3",
                                     "--max_new_tokens=500", "--temperature=0", "--seed=1"], cwd=REPO, check=True,
                                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-                speeds[row].append(float(re.search(r"([\d.]+) tokens/s", p.stderr).group(1)))
+                speeds[out.name].append(float(re.search(r"([\d.]+) tokens/s", p.stderr).group(1)))
         path.write_text(json.dumps(speeds))
-    return {row: max(v) for row, v in speeds.items()}
+    return {row: max(speeds[out.name]) for row, out in outs.items()}
 
 
 def report(results):
