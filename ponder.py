@@ -31,6 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# Token-embedding multipliers by name. PonderLM-2 uses sqrt(2.5 d) when K > 0 (see PonderLM.__init__).
+EMB_SCALES = {"1": lambda d: 1.0, "sqrt_d": math.sqrt, "sqrt_2.5d": lambda d: math.sqrt(2.5 * d)}
+
+
 @dataclass
 class PonderConfig:
     vocab_size: int = 256
@@ -42,6 +46,8 @@ class PonderConfig:
     jacobi_min: int = 2       # in training J is drawn uniformly from [jacobi_min, jacobi_max] each step
     jacobi_max: int = 3
     jacobi_eval: int = 3      # J in eval mode, as in the paper's evaluation
+    grad_passes: int = 0      # backpropagate through only the last n passes (the final one counts); 0: all of them
+    emb_scale: str = "auto"   # token-embedding multiplier: auto (the method's own when K > 0, else 1), 1, sqrt_d, sqrt_2.5d
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -49,13 +55,25 @@ class PonderConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("n_thoughts", "jacobi_min", "jacobi_max", "jacobi_eval"):
+        for name in ("n_thoughts", "jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_theta", "norm_eps"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if self.emb_scale not in ("auto", *EMB_SCALES):
+            raise ValueError(f"emb_scale must be auto, {', '.join(EMB_SCALES)}; got {self.emb_scale!r}")
         if self.jacobi_min > self.jacobi_max:
             raise ValueError(f"jacobi_min ({self.jacobi_min}) must not exceed jacobi_max ({self.jacobi_max})")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size")
+
+
+def embedding_scale(config, own):
+    """The token-embedding multiplier: config.emb_scale when set, else the method's `own` scale when it has extra
+    slots or passes (K > 0), and 1 for a vanilla model (K = 0)."""
+    name = config.emb_scale if config.emb_scale != "auto" else own if config.n_thoughts else "1"
+    return EMB_SCALES[name](config.n_embd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,8 +125,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         B, S, C = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, S, hs)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qkv = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, S, hs)
+        q, k = rotate(qkv[:2], cos, sin).unbind(0)    # (B, nh, S, hs) each: q and k rotated in one call
+        v = qkv[2].contiguous()
         if cache is not None:
             k, v = cache.append(self.layer, k, v)     # (B, nh, L, hs): earlier slots first, then these S
         L = k.size(2)
@@ -160,6 +179,16 @@ def converged(x, before, last):
     return change == 0 or change < torch.finfo(dtype).eps ** (2 / 3) and last is not None and change > last / 2, change
 
 
+def next_token_loss(logits, targets):
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T), -1 ignored; None without targets."""
+    if targets is None:
+        return None
+    logits = logits.flatten(0, 1)
+    if logits.element_size() < 4:                  # bf16 logits: take the loss in float32
+        logits = logits.float()
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=-1)
+
+
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Pick the next token from logits (B, V): argmax at temperature 0, else sample from the top_k softmax."""
     if temperature == 0:
@@ -185,7 +214,7 @@ class PonderLM(nn.Module):
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         # Token embeddings are scaled to unit RMS when there are thoughts, to match the RMS-normalised hidden
         # states that come back as thoughts (sqrt(2.5 d) times the init std below is 1). Thoughts are not scaled.
-        self.emb_scale = math.sqrt(2.5 * d) if config.n_thoughts > 0 else 1.0
+        self.emb_scale = embedding_scale(config, "sqrt_2.5d")
         # Rotary tables for token positions 0..block_size-1, derived from the config and never saved.
         hs = d // config.n_head
         inv_freq = config.rope_theta ** -(torch.arange(0, hs, 2, dtype=torch.float64) / hs)
@@ -208,14 +237,18 @@ class PonderLM(nn.Module):
     def embed(self, idx):
         return self.wte(idx) * self.emb_scale       # (B, T, d)
 
-    def run(self, x, pos, cache=None):
-        """One pass of the blocks over S slots x (B, S, d) at rotary positions pos (S,); the final-norm output."""
+    def layers(self, x, pos, cache=None):
+        """The blocks over S slots x (B, S, d) at rotary positions pos (S,); returns the residual stream (B, S, d)."""
         cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)       # (S, hs/2)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += x.size(1)
-        return self.norm_f(x)                         # (B, S, d): what the LM head reads, and what a thought is
+        return x
+
+    def run(self, x, pos, cache=None):
+        """One pass: the blocks, then the final norm. Its output is what the LM head reads, and what a thought is."""
+        return self.norm_f(self.layers(x, pos, cache))
 
     def run_slots(self, x):
         """One pass over an interleaved sequence x (B, T, n, d): n slots per token, all at the token's position."""
@@ -227,11 +260,16 @@ class PonderLM(nn.Module):
         """The latent-thought loop. From token embeddings e (B, T, 1, d), build the thought slots by passes over
         the whole sequence: each pass feeds the final-norm output at every slot back in as the next slot's input.
         The first K passes grow the chain (1, 2, .. K thoughts), the rest are Jacobi refinements.
+        With config.grad_passes = n > 0, all but the last n-1 of these passes (the final pass in forward is the
+        n-th) run without gradients: the thoughts they produce enter the later passes as constants.
         until_fixed: stop early once the thoughts have stopped changing, up to float rounding (see converged)."""
-        K = self.config.n_thoughts
+        K, n = self.config.n_thoughts, self.config.grad_passes
+        frozen = passes - (n - 1) if n else 0             # passes run without gradients
+        grad = torch.is_grad_enabled()
         x, last = e, None                                 # x: (B, T, 1, d), token slots only, no thoughts yet
-        for _ in range(passes):
-            h = self.run_slots(x)                         # (B, T, n, d): final-norm output of every slot
+        for i in range(passes):
+            with torch.set_grad_enabled(grad and i >= frozen):
+                h = self.run_slots(x)                     # (B, T, n, d): final-norm output of every slot
             x, before = torch.cat([e, h[:, :, :K]], dim=2), x   # slot k's output becomes slot k+1's input
             if until_fixed and x.shape == before.shape:
                 done, last = converged(x, before, last)
@@ -239,16 +277,18 @@ class PonderLM(nn.Module):
                     break
         return x                                          # (B, T, K+1, d) once passes >= K
 
+    def check(self, idx, targets=None):
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than block_size {self.config.block_size}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(idx.shape)} like idx")
+
     def forward(self, idx, targets=None, jacobi=None):
         """Training forward. idx, targets: (B, T) token ids (targets -1 are ignored). jacobi: the number J of
         Jacobi passes (default: drawn from [jacobi_min, jacobi_max] in train mode, jacobi_eval in eval mode), or
         "exact" to iterate until the thoughts stop changing. Returns logits (B, T, V) and the mean loss or None."""
-        B, T = idx.shape
-        K = self.config.n_thoughts
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(idx.shape)} like idx")
+        self.check(idx, targets)
+        T, K = idx.size(1), self.config.n_thoughts
         if jacobi is None:
             c = self.config
             jacobi = int(torch.randint(c.jacobi_min, c.jacobi_max + 1, ())) if self.training else c.jacobi_eval
@@ -262,30 +302,28 @@ class PonderLM(nn.Module):
             x = self.think(e, K + jacobi if K else 0)     # K = 0: no thought passes at all, a vanilla LM
         h = self.run_slots(x)                             # final pass, (B, T, K+1, d)
         logits = self.lm_head(h[:, :, K])                 # (B, T, V): the last slot of token t predicts t+1
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     # ------------------------------------------------------------------------------------------------------------
     # Exact decoding with a KV cache: per token, K+1 forward steps at the same position, each appending a slot.
 
-    @torch.no_grad()
+    def new_cache(self):
+        return KVCache(self.config.block_size * (self.config.n_thoughts + 1))
+
+    @torch.inference_mode()
     def prefill(self, idx, cache, exact=True):
         """Run a prompt (B, T) into an empty cache. Its thoughts are solved by Jacobi passes, until they stop
         changing (exact) or for jacobi_eval passes (the authors' approximation), then one pass fills the cache.
         Returns the logits (B, V) for the next token and the K thoughts (B, K, d) of the prompt's last token."""
-        B, T = idx.shape
-        K = self.config.n_thoughts
-        if T > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens is longer than block_size {self.config.block_size}")
+        self.check(idx)
+        T, K = idx.size(1), self.config.n_thoughts
         e = self.embed(idx)[:, :, None]
         x = self.think(e, T * K, until_fixed=True) if exact else self.think(e, K + self.config.jacobi_eval if K else 0)
         pos = torch.arange(T, device=idx.device).repeat_interleave(K + 1)
         h = self.run(x.flatten(1, 2), pos, cache)         # (B, T*(K+1), d)
         return self.lm_head(h[:, -1]), x[:, -1, 1:]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, idx, cache):
         """Decode one token idx (B,) at the next position: its own slot, then K thought slots, each fed the
         final-norm output of the slot before it. Returns next-token logits (B, V) and the thoughts (B, K, d)."""
@@ -301,14 +339,14 @@ class PonderLM(nn.Module):
             h = self.run(h, pos, cache)                       # the latent thought: the output goes back in
         return self.lm_head(h[:, 0]), torch.cat(thoughts, dim=1) if K else h[:, :0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, exact_prefill=True, generator=None):
         """Continue the prompts idx (B, T). Yields, per new token, (token (B,), the K thoughts (B, K, d) that
-        preceded it). When the context is full, the last block_size/2 tokens are prefilled again and decoding
-        goes on from there."""
-        T_max, K = self.config.block_size, self.config.n_thoughts
+        preceded it). When the context is full, the last block_size/2 tokens (at least one) are prefilled again
+        and decoding goes on from there."""
+        T_max = self.config.block_size
         idx = idx[:, -T_max:]
-        cache = KVCache(T_max * (K + 1))
+        cache = self.new_cache()
         logits, thoughts = self.prefill(idx, cache, exact_prefill)
         for i in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, generator)
@@ -316,30 +354,38 @@ class PonderLM(nn.Module):
             if i == max_new_tokens - 1:
                 break
             idx = torch.cat([idx, token[:, None]], dim=1)
-            if cache.length == cache.capacity:            # no position left: restart from the recent half
-                idx = idx[:, -(T_max // 2):]
-                cache = KVCache(T_max * (K + 1))
+            if idx.size(1) > T_max:                       # no position left for it: restart from the recent half
+                idx = idx[:, -max(1, T_max // 2):]
+                cache = self.new_cache()
                 logits, thoughts = self.prefill(idx, cache, exact_prefill)
             else:
                 logits, thoughts = self.step(token, cache)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Cost
+    # Cost. Matmuls count 2 FLOPs per weight per slot; attention counts 4*d FLOPs per layer per (query slot, key
+    # slot) over a full context of block_size tokens, as PaLM does. A backward pass costs twice its forward.
+
+    def pass_flops(self, n):
+        """Forward FLOPs per token of one pass over the blocks with n slots per token (the LM head excluded)."""
+        c = self.config
+        N = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)     # weights of the block matmuls
+        return n * (2 * N + 4 * c.n_layer * c.n_embd * n * c.block_size)
+
+    def head_flops(self):
+        return 2 * self.config.n_embd * self.config.vocab_size
 
     def flops_per_token(self, training=True, jacobi=None):
-        """Model FLOPs per token: a training step (forward + backward, J Jacobi passes; default the mean of the
-        training range) or decoding with a full cache of block_size tokens. Matmuls count 2 FLOPs per weight per
-        slot; attention counts 4*d FLOPs per layer per (query slot, key slot) over the full context, as PaLM does."""
-        c = self.config
-        K, L, d, T = c.n_thoughts, c.n_layer, c.n_embd, c.block_size
-        N = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)     # weights of the block matmuls
-        head = 2 * d * c.vocab_size                       # the LM head runs once per token, at slot K
-
-        def one_pass(n):                                  # forward FLOPs per token of a pass with n slots a token
-            return n * (2 * N + 4 * L * d * n * T)
-
+        """Model FLOPs per token: a training step (forward + backward over J Jacobi passes, averaged over the
+        training range of J unless given; passes without gradients cost their forward only) or decoding."""
+        c, K = self.config, self.config.n_thoughts
         if not training:
-            return one_pass(K + 1) + head                 # K+1 steps, each attending to (K+1)*T cached slots
-        J = (c.jacobi_min + c.jacobi_max) / 2 if jacobi is None else jacobi
-        forward = sum(one_pass(n) for n in range(1, K + 1)) + (J if K else 0) * one_pass(K + 1)
-        return 3 * (forward + one_pass(K + 1) + head)     # backward costs twice the forward
+            return self.pass_flops(K + 1) + self.head_flops()   # K+1 steps, each attending to (K+1)*T slots
+
+        def step(J):                                      # the passes of one training forward, in order
+            passes = [self.pass_flops(n) for n in range(1, K + 1)] + [self.pass_flops(K + 1)] * (J if K else 0)
+            passes.append(self.pass_flops(K + 1) + self.head_flops())              # the final, scored pass
+            g = min(c.grad_passes, len(passes)) if c.grad_passes else len(passes)  # the last g get a backward
+            return sum(passes[:-g]) + 3 * sum(passes[-g:])
+
+        Js = range(c.jacobi_min, c.jacobi_max + 1) if jacobi is None else [jacobi]
+        return sum(step(J) for J in Js) / len(Js)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from data.prepare import get_tokenizer
-from ponder import PonderConfig, PonderLM
+from baselines import build
+from ponder import PonderConfig
 from train import Fail, load_checkpoint, opt, parse_options, pick_device
 
 
@@ -62,7 +63,7 @@ def main(argv=None):
     if not path.exists():
         raise Fail(f"no checkpoint at {path}: train one with `python train.py` (or pass --out_dir)")
     ckpt = load_checkpoint(path)
-    model = PonderLM(PonderConfig(**ckpt["model_config"]))
+    model = build(ckpt.get("method", "ponderlm2"), PonderConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.eval().to(device)
     try:

@@ -107,37 +107,100 @@ def test_prefill_then_step_is_exact(K):
         torch.testing.assert_close(logits, exact[:, t], rtol=0, atol=1e-10)
 
 
-def plain_transformer(model, idx):
-    """A vanilla pre-norm Llama forward written from scratch over the model's weights: explicit softmax attention,
-    rotary embeddings by complex multiplication."""
+# ---- independent references: written from the method's pseudocode over the model's weights, sharing no code with
+# ponder.py or baselines.py (explicit softmax attention, rotary embeddings by complex multiplication) -------------
+
+def ref_norm(model, x, w):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + model.config.norm_eps) * w
+
+
+def ref_layers(model, x, pos):
+    """The pre-norm Llama blocks over slot inputs x (B, S, d) at rotary positions pos (S ints), causal over the S
+    slots in order. Returns the residual stream (no final norm)."""
     c = model.config
     d, nh = c.n_embd, c.n_head
-    hs = d // nh
-    T = idx.size(1)
+    hs, S = d // nh, x.size(1)
+    freqs = c.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    turn = torch.polar(torch.ones(S, hs // 2, dtype=torch.float64), torch.tensor(pos, dtype=torch.float64)[:, None] * freqs)
+    turn = torch.complex(turn.real.float().double(), turn.imag.float().double())   # the model keeps float32 tables
 
-    def norm(x, w):
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.norm_eps) * w
-
-    def rope(x):                            # x: (B, T, nh, hs); rotate (x[i], x[i + hs/2]) as one complex number
-        z = torch.complex(x[..., :hs // 2], x[..., hs // 2:])
-        freqs = c.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
-        turn = torch.polar(torch.ones(T, hs // 2, dtype=torch.float64), torch.arange(T)[:, None] * freqs)
-        turn = torch.complex(turn.real.float().double(), turn.imag.float().double())   # the model keeps float32 tables
-        z = z * turn[:, None]
+    def rope(t):                            # t: (B, S, nh, hs); rotate (t[i], t[i + hs/2]) as one complex number
+        z = torch.complex(t[..., :hs // 2], t[..., hs // 2:]) * turn[:, None]
         return torch.cat([z.real, z.imag], dim=-1)
 
-    x = model.wte.weight[idx]
-    mask = torch.full((T, T), float("-inf"), dtype=x.dtype).triu(1)
+    mask = torch.full((S, S), float("-inf"), dtype=x.dtype).triu(1)
     for blk in model.blocks:
-        a = norm(x, blk.norm1.weight)
+        a = ref_norm(model, x, blk.norm1.weight)
         q, k, v = (a @ blk.attn.qkv.weight.T).split(d, dim=-1)
         q, k, v = rope(q.view(*q.shape[:2], nh, hs)), rope(k.view(*k.shape[:2], nh, hs)), v.view(*v.shape[:2], nh, hs)
         att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hs) + mask
         y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(x.shape)
         x = x + y @ blk.attn.proj.weight.T
-        m = norm(x, blk.norm2.weight)
+        m = ref_norm(model, x, blk.norm2.weight)
         x = x + (F.silu(m @ blk.mlp.gate.weight.T) * (m @ blk.mlp.up.weight.T)) @ blk.mlp.down.weight.T
-    return norm(x, model.norm_f.weight) @ model.lm_head.weight.T
+    return x
+
+
+def ref_run(model, x, pos):
+    return ref_norm(model, ref_layers(model, x, pos), model.norm_f.weight)
+
+
+def plain_transformer(model, idx):
+    """A vanilla Llama forward: plain embeddings, one pass, the head."""
+    return ref_run(model, model.wte.weight[idx], list(range(idx.size(1)))) @ model.lm_head.weight.T
+
+
+def ref_ponderlm2(model, idx, thoughts=None):
+    """PonderLM-2 as METHOD.md states it, token by token with no cache and no Jacobi iteration: token t's slot holds
+    its embedding times sqrt(2.5 d), each thought slot holds the final-norm output of the slot before it, all K+1
+    slots at position t, and the last slot's output is scored. Returns the logits (B, T, V) and the thoughts
+    (B, T, K, d). Given `thoughts`, uses them as the thought inputs instead (one pass, no recurrence)."""
+    K, d = model.config.n_thoughts, model.config.n_embd
+    e = model.wte.weight[idx] * (math.sqrt(2.5 * d) if K else 1.0)
+    slots, pos, logits, made = [], [], [], []
+    for t in range(idx.size(1)):
+        slots.append(e[:, t])
+        pos.append(t)
+        for k in range(K):
+            z = thoughts[:, t, k] if thoughts is not None else ref_run(model, torch.stack(slots, 1), pos)[:, -1]
+            made.append(z)
+            slots.append(z)
+            pos.append(t)
+        if thoughts is None:
+            logits.append(ref_run(model, torch.stack(slots, 1), pos)[:, -1] @ model.lm_head.weight.T)
+    if thoughts is not None:
+        logits = list((ref_run(model, torch.stack(slots, 1), pos)[:, K::K + 1] @ model.lm_head.weight.T).unbind(1))
+    return torch.stack(logits, 1), torch.stack(made, 1).view(idx.size(0), idx.size(1), K, d) if K else None
+
+
+def ref_pause(model, idx):
+    """Token t's slots: W[x_t] sqrt(d), then K times p sqrt(d), all at position t; one causal pass; the last pause
+    slot of each token is scored."""
+    K, d = model.config.n_thoughts, model.config.n_embd
+    s = math.sqrt(d)
+    slots, pos = [], []
+    for t in range(idx.size(1)):
+        slots += [model.wte.weight[idx[:, t]] * s] + [model.pause[0].expand(idx.size(0), d) * s] * K
+        pos += [t] * (K + 1)
+    return ref_run(model, torch.stack(slots, 1), pos)[:, K::K + 1] @ model.lm_head.weight.T
+
+
+def ref_loop(model, idx):
+    """r = W[x] sqrt(2.5 d); K+1 times r = blocks(r); logits = head(final_norm(r))."""
+    r = model.wte.weight[idx] * math.sqrt(2.5 * model.config.n_embd)
+    for _ in range(model.config.n_thoughts + 1):
+        r = ref_layers(model, r, list(range(idx.size(1))))
+    return ref_norm(model, r, model.norm_f.weight) @ model.lm_head.weight.T
+
+
+def ref_ponderlm(model, idx):
+    """E = W[x] sqrt(d); X = E; K times: h = run(X), q = softmax(head(h)), X = E + q (sqrt(d) W); head(run(X))."""
+    W, head, pos = model.wte.weight, model.lm_head.weight, list(range(idx.size(1)))
+    E = W[idx] * math.sqrt(model.config.n_embd)
+    X = E
+    for _ in range(model.config.n_thoughts):
+        X = E + (ref_run(model, X, pos) @ head.T).softmax(-1) @ (math.sqrt(model.config.n_embd) * W)
+    return ref_run(model, X, pos) @ head.T
 
 
 def test_no_thoughts_is_a_plain_transformer():
@@ -232,6 +295,181 @@ def test_generate_runs_past_block_size():
     assert all(tok.shape == (1,) and th.shape == (1, 1, 16) for tok, th in out)
 
 
+def grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_jacobi_forward_and_gradients_equal_the_independent_reference(K):
+    """The thing that matters most, against a reference that shares no code with ponder.py: with (T-1)K Jacobi
+    passes the training forward is the exact recurrence, and so are its gradients (a detached thought, a wrong slot
+    or position, or a missing embedding scale all show here)."""
+    model = tiny(K).train()
+    idx, targets = tokens(), tokens(seed=2)
+    ref_logits, _ = ref_ponderlm2(model, idx)
+    ref_grads = grads(model, F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten()))
+    logits, loss = model(idx, targets, jacobi=(idx.size(1) - 1) * K)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-10)
+    for name, g in grads(model, loss).items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_cached_decoding_equals_the_independent_reference(K):
+    model = tiny(K)
+    idx = tokens()
+    torch.testing.assert_close(cached_decoding(model, idx), ref_ponderlm2(model, idx)[0], rtol=0, atol=1e-10)
+
+
+# ---- cheaper training: gradients through the last passes only --------------------------------------------------
+
+def test_grad_passes_all_changes_nothing():
+    model = tiny(1).train()
+    idx, targets = tokens(), tokens(seed=2)
+    base = grads(model, model(idx, targets, jacobi=3)[1])
+    model.config.grad_passes = 1 + 3 + 1                # K + J + final: every pass
+    for name, g in grads(model, model(idx, targets, jacobi=3)[1]).items():
+        assert torch.equal(g, base[name]), name
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_grad_passes_1_is_the_final_pass_on_constant_exact_thoughts(K):
+    model = tiny(K, grad_passes=1).train()
+    idx, targets = tokens(), tokens(seed=2)
+    _, thoughts = ref_ponderlm2(model, idx)
+    ref_logits, _ = ref_ponderlm2(model, idx, thoughts=thoughts.detach())     # one pass, thoughts as constants
+    ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten())
+    ref_grads = grads(model, ref_loss)
+    logits, loss = model(idx, targets, jacobi=(idx.size(1) - 1) * K)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-10)            # the loss is the exact loss
+    for name, g in grads(model, loss).items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_grad_passes_2_differs_from_1_and_all():
+    model = tiny(1).train()
+    idx, targets = tokens(), tokens(seed=2)
+    g = {}
+    for n in (0, 1, 2):
+        model.config.grad_passes = n
+        g[n] = grads(model, model(idx, targets, jacobi=3)[1])["wte.weight"]
+    assert not torch.allclose(g[2], g[1]) and not torch.allclose(g[2], g[0])
+
+
+def test_grad_passes_flops_by_hand():
+    """K = 1, J = 3: passes of 1, 2, 2, 2 slots per token, then the final 2-slot pass with the head."""
+    model = tiny(1, n_layer=2)
+    c = model.config
+    N = sum(p.numel() for p in model.blocks.parameters() if p.dim() == 2)
+    one = 2 * N + 4 * 2 * 16 * 1 * 8                   # a 1-slot pass: matmuls + attention over 1*T keys
+    two = 2 * (2 * N + 4 * 2 * 16 * 2 * 8)              # a 2-slot pass: twice the slots, each over 2*T keys
+    head = 2 * 16 * 32
+    expect = {0: 3 * (one + 3 * two + two + head),      # all five passes forward and backward
+              1: one + 3 * two + 3 * (two + head),      # only the final pass gets a backward
+              2: one + 2 * two + 3 * (two + two + head),
+              9: 3 * (one + 3 * two + two + head)}      # more than there are: all
+    for n, flops in expect.items():
+        c.grad_passes = n
+        assert model.flops_per_token(jacobi=3) == flops, n
+    c.grad_passes = 1
+    assert model.flops_per_token() == (model.flops_per_token(jacobi=2) + model.flops_per_token(jacobi=3)) / 2
+
+
+# ---- the baselines: Pause, Loop, PonderLM --------------------------------------------------------------------
+
+from baselines import build  # noqa: E402
+
+BASELINES = {"pause": ref_pause, "loop": ref_loop, "ponderlm": ref_ponderlm}
+
+
+def tiny_method(method, K, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, n_thoughts=K)
+    return build(method, PonderConfig(**{**cfg, **kw})).double().eval()
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_matches_its_reference(method, K):
+    model = tiny_method(method, K)
+    idx = tokens()
+    torch.testing.assert_close(model(idx)[0], BASELINES[method](model, idx), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_cached_decoding_equals_the_forward(method, K):
+    model = tiny_method(method, K)
+    idx = tokens()
+    full, _ = model(idx)
+    cache = model.new_cache()
+    logits, thoughts = model.prefill(idx[:, :3], cache)
+    assert thoughts.shape == (2, K, 16)
+    torch.testing.assert_close(logits, full[:, 2], rtol=0, atol=1e-10)
+    for t in range(3, 8):
+        logits, _ = model.step(idx[:, t], cache)
+        torch.testing.assert_close(logits, full[:, t], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="past block_size"):
+        model.step(idx[:, 0], cache)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_causality(method):
+    model = tiny_method(method, 2)
+    idx = tokens()
+    for t in [0, 3, 6]:
+        other = idx.clone()
+        other[:, t + 1:] = (other[:, t + 1:] + 1 + torch.arange(7 - t)) % 32
+        a, b = model(idx)[0], model(other)[0]
+        torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-12)
+        assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_with_no_extra_steps_is_vanilla(method):
+    vanilla, model = tiny_method("ponderlm2", 0), tiny_method(method, 0)
+    idx = tokens()
+    assert model.num_params() == vanilla.num_params()
+    assert torch.equal(model(idx)[0], vanilla(idx)[0])
+    added = tiny_method(method, 3).num_params() - vanilla.num_params()
+    assert added == (16 if method == "pause" else 0), added      # Pause adds one vector, the others nothing
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_gradients_reach_every_parameter(method):
+    model = tiny_method(method, 2).train()
+    _, loss = model(tokens(), tokens(seed=2))
+    for name, g in grads(model, loss).items():
+        assert g.abs().sum() > 0, f"{name} received no gradient"
+
+
+def test_baseline_flops_by_hand():
+    """BASELINES.md's cost table, forward FLOPs per token; training is 3x."""
+    K, L, d, T, V = 3, 2, 16, 8, 32
+    N = sum(p.numel() for p in tiny_method("loop", K).blocks.parameters() if p.dim() == 2)
+    forward = {"pause": (K + 1) * 2 * N + 4 * L * d * (K + 1) ** 2 * T + 2 * d * V,
+               "loop": (K + 1) * (2 * N + 4 * L * d * T) + 2 * d * V,
+               "ponderlm": (K + 1) * (2 * N + 4 * L * d * T) + (2 * K + 1) * 2 * d * V}
+    for method, f in forward.items():
+        model = tiny_method(method, K)
+        assert model.flops_per_token(training=False) == f, method
+        assert model.flops_per_token() == 3 * f, method
+
+
+def test_emb_scale_option():
+    d = 16
+    assert tiny(1).emb_scale == math.sqrt(2.5 * d) and tiny(0).emb_scale == 1.0
+    assert tiny(0, emb_scale="sqrt_2.5d").emb_scale == math.sqrt(2.5 * d)
+    assert tiny(1, emb_scale="1").emb_scale == 1.0
+    assert tiny_method("pause", 3).emb_scale == math.sqrt(d) and tiny_method("pause", 0).emb_scale == 1.0
+    assert tiny_method("loop", 3).emb_scale == math.sqrt(2.5 * d)
+    assert tiny_method("ponderlm", 3, emb_scale="sqrt_2.5d").emb_scale == math.sqrt(2.5 * d)
+    with pytest.raises(ValueError, match="emb_scale"):
+        PonderConfig(emb_scale="2")
+
+
 # ---- data and training ----------------------------------------------------------------------------------------
 
 import json  # noqa: E402
@@ -248,7 +486,7 @@ from data.prepare import ByteTokenizer, prepare_documents, prepare_text  # noqa:
 REPO = Path(__file__).resolve().parent
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # é ✓\n\n" for i in range(200))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--micro_batch=4", "--batch_tokens=128",
-        "--eval_batches=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu", "--lr=3e-3"]
+        "--eval_windows=8", "--log_interval=1", "--warmup_iters=2", "--device=cpu", "--lr=3e-3"]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ponder import PonderConfig, PonderLM
+from baselines import METHODS, build
+from ponder import PonderConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -46,11 +47,13 @@ class TrainConfig:
     out_dir: str = opt("out", "where ckpt.pt and log.jsonl go")
     init_from: str = opt("auto", "auto (resume if out_dir has a checkpoint), scratch, or resume")
     eval_interval: int = opt(100, "evaluate and checkpoint every this many steps", gpu=250)
-    eval_batches: int = opt(20, "fixed validation batches per evaluation, shared over ranks", gpu=40)
+    eval_windows: int = opt(160, "fixed validation windows of block_size tokens per evaluation, split over ranks",
+                            gpu=1280)
     eval_exact: bool = opt(False, "also report val loss with exact thoughts (Jacobi until fixed); slow")
     eval_only: bool = opt(False, "evaluate the checkpoint in out_dir and exit")
     log_interval: int = opt(10, "print a training line every this many steps")
     # model (PonderConfig)
+    method: str = opt("ponderlm2", "ponderlm2 (latent thoughts), or a baseline: pause, loop, ponderlm (K = n_thoughts)")
     n_layer: int = opt(4, "transformer blocks", gpu=6)
     n_head: int = opt(4, "attention heads", gpu=6)
     n_embd: int = opt(128, "model width d", gpu=384)
@@ -59,6 +62,9 @@ class TrainConfig:
     jacobi_min: int = opt(2, "fewest Jacobi passes J in a training step (J is drawn per step)")
     jacobi_max: int = opt(3, "most Jacobi passes J in a training step")
     jacobi_eval: int = opt(3, "Jacobi passes J at evaluation")
+    grad_passes: int = opt(0, "backpropagate through only the last n passes of the thought solve (0: all)")
+    emb_scale: str = opt("auto", "token-embedding multiplier: auto (the method's own if K > 0, else 1), 1, sqrt_d, "
+                                 "sqrt_2.5d")
     rope_theta: float = opt(10000.0, "rotary base")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     # optimization
@@ -81,7 +87,7 @@ class TrainConfig:
 
 
 MODEL_KEYS = [f.name for f in fields(PonderConfig) if f.name != "vocab_size"]
-FREE_MODEL_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval"}     # a resumed run may change these
+FREE_MODEL_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"}     # a resumed run may change these
 SYSTEM_KEYS = {"device", "dtype", "compile"}                      # describe this machine: never taken from a checkpoint
 
 
@@ -169,7 +175,7 @@ def resolve_system(cfg, given):
 
 
 def check_config(cfg):
-    for name in ("eval_interval", "eval_batches", "log_interval", "batch_tokens", "micro_batch", "max_iters"):
+    for name in ("eval_interval", "eval_windows", "log_interval", "batch_tokens", "micro_batch", "max_iters"):
         if getattr(cfg, name) < 1:
             raise Fail(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
@@ -177,6 +183,8 @@ def check_config(cfg):
             raise Fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.lr > 0 or not 0 <= cfg.min_lr_ratio <= 1:
         raise Fail(f"--lr must be > 0 and --min_lr_ratio within [0, 1], got {cfg.lr} and {cfg.min_lr_ratio}")
+    if cfg.method not in METHODS:
+        raise Fail(f"--method={cfg.method}: use {', '.join(METHODS)}")
     if cfg.init_from not in ("auto", "scratch", "resume"):
         raise Fail(f"--init_from={cfg.init_from}: use auto, scratch or resume")
 
@@ -241,21 +249,22 @@ def lr_at(cfg, step):
 
 @torch.no_grad()
 def evaluate(model, meta, cfg, device, autocast, rank, world, jacobi=None):
-    """Mean loss over fixed, evenly spaced validation windows; batches split over ranks, then all-reduced."""
+    """Mean loss over eval_windows fixed, evenly spaced validation windows (the same for any number of ranks or
+    micro-batch size), micro_batch windows per forward, the forwards split over ranks, then all-reduced."""
     path = meta["folder"] / "val.bin"
-    n_windows = cfg.eval_batches * cfg.micro_batch
-    offsets = np.linspace(0, meta["val_tokens"] - cfg.block_size - 1, n_windows).astype(np.int64)
+    offsets = np.linspace(0, meta["val_tokens"] - cfg.block_size - 1, cfg.eval_windows).astype(np.int64)
+    batches = [offsets[i:i + cfg.micro_batch] for i in range(0, len(offsets), cfg.micro_batch)]
     model.eval()
-    total = torch.zeros(2, device=device)
-    for i in range(rank, cfg.eval_batches, world):
-        x, y = get_batch(path, offsets[i * cfg.micro_batch:(i + 1) * cfg.micro_batch], cfg.block_size, device)
+    total = torch.zeros((), device=device)
+    for batch in batches[rank::world]:
+        x, y = get_batch(path, batch, cfg.block_size, device)
         with autocast:
             _, loss = model(x, y, jacobi=jacobi)
-        total += torch.stack([loss.float(), torch.ones((), device=device)])
+        total += loss.float() * len(batch)
     model.train()
     if world > 1:
         dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    return total.item() / len(offsets)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -348,12 +357,17 @@ def main(argv=None):
     elif ckpt_path.exists():
         log(f"warning: starting over (--init_from=scratch); {ckpt_path} will be overwritten")
     check_config(cfg)
+    if cfg.method != "ponderlm2" and (unused := sorted(given & {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"})):
+        raise Fail(f"--{unused[0]} applies to the thought solve of ponderlm2 only; {cfg.method} is exact in one forward")
     meta = load_meta(cfg, master)
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)       # padded to a multiple of 64 for fast matmuls
     try:
         mconf = PonderConfig(vocab_size=vocab, **{k: getattr(cfg, k) for k in MODEL_KEYS})
     except ValueError as e:
         raise Fail(str(e)) from None
+    if ckpt is not None and ckpt.get("method", "ponderlm2") != cfg.method:
+        raise Fail(f"{ckpt_path} is a {ckpt.get('method', 'ponderlm2')} model, not {cfg.method}; drop --method to "
+                   f"resume it, or train the new model in another --out_dir")
     if ckpt is not None and ckpt["model_config"]["vocab_size"] != vocab:
         raise Fail(f"{ckpt_path} has a vocabulary of {ckpt['model_config']['vocab_size']}, dataset {cfg.dataset!r} "
                    f"needs {vocab} ({meta['tokenizer']}); use the dataset it was trained on, or another --out_dir")
@@ -368,7 +382,7 @@ def main(argv=None):
     accum = cfg.batch_tokens // tokens_per_micro
 
     torch.manual_seed(cfg.seed)
-    model = PonderLM(mconf).to(device)
+    model = build(cfg.method, mconf).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
@@ -397,7 +411,7 @@ def main(argv=None):
 
     flops_tok = model.flops_per_token()
     peak = peak_flops(kind, dtype)
-    log(f"model: {model.num_params():,} parameters ({model.num_params(True):,} in blocks), K={cfg.n_thoughts}, "
+    log(f"model: {cfg.method}, {model.num_params():,} parameters ({model.num_params(True):,} in blocks), K={cfg.n_thoughts}, "
         f"{cfg.n_layer}x{cfg.n_embd}, block {cfg.block_size}, {flops_tok / 1e6:.1f} MFLOP per training token")
     log(f"data: {meta['folder']} ({meta['train_tokens']:,} train tokens, {meta['tokenizer']}); {cfg.batch_tokens:,} "
         f"tokens per step = {cfg.micro_batch} seqs x {cfg.block_size} x {world} ranks x {accum} accumulation")
@@ -418,6 +432,7 @@ def main(argv=None):
     def checkpoint(val):
         save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                         model_config=asdict(mconf), train_config=asdict(cfg), step=step,
+                                        method=cfg.method,
                                         tokenizer=meta["tokenizer"], **val))
 
     if master:
