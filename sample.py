@@ -1,5 +1,6 @@
 """
-Sample from a trained PonderLM-2, one token at a time, with K latent thoughts before every token.
+Sample from a model trained by train.py, one token at a time; for PonderLM-2 with K latent thoughts before every
+token (a baseline decodes with its own exact cache, a vanilla model plainly).
 
     python sample.py                                   # continue "\\n" three times, from out/ckpt.pt
     python sample.py --start="def merge(" --show_thoughts
@@ -12,6 +13,7 @@ notes, the legend and the speed go to stderr.
 """
 
 import codecs
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -20,10 +22,8 @@ from pathlib import Path
 
 import torch
 
+from common import Fail, load_checkpoint, model_from, opt, parse_options, pick_device
 from data.prepare import get_tokenizer
-from baselines import build
-from ponder import PonderConfig
-from train import Fail, load_checkpoint, opt, parse_options, pick_device
 
 
 @dataclass
@@ -50,7 +50,7 @@ def readable(b):
 
 
 def main(argv=None):
-    cfg, _ = parse_options(SampleConfig, argv, "Sample from a trained PonderLM-2.")
+    cfg, _ = parse_options(SampleConfig, argv, "Sample from a model trained by train.py.")
     if cfg.temperature < 0:
         raise Fail(f"--temperature must be >= 0, got {cfg.temperature}")
     if cfg.top_k < 1 or cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.thought_tokens < 1:
@@ -63,14 +63,15 @@ def main(argv=None):
     if not path.exists():
         raise Fail(f"no checkpoint at {path}: train one with `python train.py` (or pass --out_dir)")
     ckpt = load_checkpoint(path)
-    model = build(ckpt.get("method", "ponderlm2"), PonderConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval().to(device)
+    model = model_from(ckpt, path).eval().to(device)
     try:
-        tok = get_tokenizer(ckpt["tokenizer"])
-    except RuntimeError as e:
-        raise Fail(str(e)) from None
-    K, T = model.config.n_thoughts, model.config.block_size
+        tok = get_tokenizer(ckpt.get("tokenizer", "bytes"))
+    except (RuntimeError, ValueError) as e:
+        raise Fail(f"{path}: {e}") from None
+    K, T, V = model.config.n_thoughts, model.config.block_size, model.config.vocab_size
+    method = ckpt.get("method", "ponderlm2")
+    if cfg.show_thoughts and cfg.thought_tokens > V:
+        raise Fail(f"--thought_tokens={cfg.thought_tokens} is more than the vocabulary ({V} tokens)")
 
     # Bytes that are not UTF-8 (in the argument, the file or the output) become U+FFFD, never an exception.
     start = cfg.start.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
@@ -92,9 +93,10 @@ def main(argv=None):
     color = sys.stdout.isatty()
     dim, reset = ("\033[2;36m", "\033[0m") if color else ("", "")
     if cfg.show_thoughts:
-        print(f"legend: before each token the model thinks {K} latent thought(s). Each ⟦...⟧ is one thought, shown "
-              f"as the {cfg.thought_tokens} tokens the LM head would read from it, with probabilities "
-              "(␣ space, ↵ newline, ⇥ tab); the real text goes on between them.", file=sys.stderr)
+        steps = f"thinks {K} latent thought(s)" if method == "ponderlm2" else f"takes {K} extra step(s) ({method})"
+        print(f"legend: before each token the model {steps}. Each ⟦...⟧ is the output of one such step, shown as the "
+              f"{cfg.thought_tokens} tokens the LM head would read from it, with probabilities (␣ space, ↵ newline, "
+              "⇥ tab); the real text goes on between them.", file=sys.stderr)
     autocast = torch.autocast(kind, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     generator = torch.Generator(device).manual_seed(cfg.seed)
     samples, n_tokens, seconds = [], 0, 0.0
@@ -104,7 +106,7 @@ def main(argv=None):
         sys.stdout.write(tok.decode(ids))
         out = []
         t0 = time.perf_counter()
-        with autocast, torch.no_grad():
+        with autocast, torch.inference_mode():
             for token, thoughts in model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                                   exact_prefill=cfg.prefill == "exact", generator=generator):
                 if cfg.show_thoughts:
@@ -123,7 +125,8 @@ def main(argv=None):
         samples.append(out)
         n_tokens += len(out)
     print(f"---------- {n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s, "
-          f"{K * n_tokens / seconds:.1f} thought steps/s (K={K}, {device}, {dtype}, prompt prefill included)",
+          f"{(K + 1) * n_tokens / seconds:.1f} forward steps/s ({method}, K={K}, {device}, {dtype}, prompt prefill "
+          "included)",
           file=sys.stderr)
     return samples
 
@@ -134,3 +137,9 @@ if __name__ == "__main__":
     except Fail as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:                       # the reader went away (`python sample.py | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())      # no second error when Python flushes
+        sys.exit(0)

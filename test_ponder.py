@@ -24,7 +24,8 @@ def tokens(B=2, T=8, vocab=32, seed=1):
 
 
 def exact_without_cache(model, idx):
-    """The exact recurrence, recomputed from scratch for every slot: no cache, no Jacobi iteration."""
+    """The exact recurrence, recomputed from scratch for every slot: no cache, no Jacobi iteration. It calls the
+    model's own `run` (the blocks under test); the independent references below do not."""
     K = model.config.n_thoughts
     xs, pos, logits = [], [], []
     for t in range(idx.size(1)):
@@ -458,6 +459,47 @@ def test_baseline_flops_by_hand():
         assert model.flops_per_token() == 3 * f, method
 
 
+REFS = {"ponderlm2": lambda m, idx: ref_ponderlm2(m, idx)[0], "pause": ref_pause, "loop": ref_loop,
+        "ponderlm": ref_ponderlm}
+
+
+@pytest.mark.parametrize("method", REFS)
+def test_generate_refills_the_context_exactly(method):
+    """Past block_size, generate keeps the last half of the context and goes on: every greedy token must be the
+    argmax of the independent reference over exactly that window (computed here, from the rule alone)."""
+    model = tiny_method(method, 1)
+    T, seq = model.config.block_size, tokens(B=1, T=3)[0].tolist()
+    out = [t.item() for t, _ in model.generate(torch.tensor([seq]), max_new_tokens=14, temperature=0)]
+    start = 0
+    for i, t in enumerate(out):
+        expected = REFS[method](model, torch.tensor([seq[start:]]))[0, -1].argmax().item()
+        assert t == expected, f"token {i} (window {start}..{len(seq)})"
+        seq.append(t)
+        if len(seq) - start > T:                   # the window is full: keep its last T/2 tokens
+            start = len(seq) - T // 2
+    assert start > 0, "the test never reached the refill"
+
+
+def test_generate_at_block_size_1():
+    model = tiny(1, block_size=1)
+    out = list(model.generate(tokens(B=1, T=3), max_new_tokens=5, temperature=0))
+    assert len(out) == 5
+
+
+def test_evaluation_uses_jacobi_eval_passes(monkeypatch):
+    model = tiny(1, jacobi_eval=4).train()
+    passes = []
+    run_slots = model.run_slots
+    monkeypatch.setattr(model, "run_slots", lambda x: passes.append(1) or run_slots(x))
+    model.eval()
+    model(tokens())
+    assert len(passes) == 1 + 4 + 1                  # K growing passes, jacobi_eval refinements, the final pass
+    passes.clear()
+    model.train()
+    model(tokens())
+    assert len(passes) in (1 + 2 + 1, 1 + 3 + 1)      # in training J is drawn from [jacobi_min, jacobi_max]
+
+
 def test_emb_scale_option():
     d = 16
     assert tiny(1).emb_scale == math.sqrt(2.5 * d) and tiny(0).emb_scale == 1.0
@@ -474,12 +516,14 @@ def test_emb_scale_option():
 
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 import train  # noqa: E402
 from data.prepare import ByteTokenizer, prepare_documents, prepare_text  # noqa: E402
 
@@ -557,22 +601,305 @@ def test_resume_equals_uninterrupted(dataset, tmp_path):
         torch.testing.assert_close(w, weights(tmp_path / "b")[k], rtol=1e-5, atol=1e-6)
 
 
-def test_two_ranks_equal_one_rank_with_twice_the_accumulation(dataset, tmp_path):
-    common = [f"--dataset={dataset}", *TINY, "--max_iters=4", "--eval_interval=4"]
-    train.main([*common, f"--out_dir={tmp_path / 'one'}"])           # 128 tokens = 4 seqs x 16 x 2 micro-steps
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    fitted = [a for a in common if not a.startswith("--micro_batch")]      # the default 8 must shrink to 4
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *fitted, f"--out_dir={tmp_path / 'two'}"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+class SGD(torch.optim.SGD):
+    """Plain SGD standing in for AdamW in the tests: a step is w - lr * g, so a gradient off by any factor shows
+    (AdamW and clipping would hide it)."""
+
+    def __init__(self, groups, lr, **_):
+        super().__init__(groups, lr=lr)
+
+
+SGD_ARGS = ["--grad_clip=0", "--weight_decay=0", "--warmup_iters=0", "--max_iters=2", "--eval_interval=2", "--lr=0.5"]
+
+
+def reference_sgd(dataset, out, ranks, accum):
+    """The run in `out` recomputed without train.py's loop: per step, ONE forward over the sequences of every rank
+    and micro-step together, the mean loss, w -= lr * grad. Uses the model's forward (not under test here)."""
+    ckpt = torch.load(Path(out) / "ckpt.pt", weights_only=True)
+    cfg = train.TrainConfig(**ckpt["train_config"])
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.method, PonderConfig(**ckpt["model_config"])).train()
+    n = json.loads((Path(dataset) / "meta.json").read_text())["train_tokens"]
+    for step in range(ckpt["step"]):
+        offsets = np.concatenate([train.train_offsets(n, cfg, step, m) for m in range(ranks * accum)])
+        x, y = train.get_batch(Path(dataset) / "train.bin", offsets, cfg.block_size, "cpu")
+        loss = model(x, y, jacobi=train.jacobi_for(cfg, step))[1]
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= train.lr_at(cfg, step) * p.grad
+    return model.state_dict()
+
+
+def assert_same_weights(a, b, atol=2e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=k)
+
+
+def test_accumulated_step_equals_one_big_step(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", SGD)
+    train_run(dataset, tmp_path, *SGD_ARGS, "--batch_tokens=128", "--micro_batch=4")    # 2 micro-steps of 4
+    assert_same_weights(weights(tmp_path), reference_sgd(dataset, tmp_path, ranks=1, accum=2))
+
+
+def test_two_accumulating_ranks_equal_one_big_step(dataset, tmp_path):
+    """2 gloo ranks x 2 micro-steps, with gradients through the last 2 passes only: the no-grad passes must not
+    disturb DDP, gradients must be synchronised on the last micro-step and averaged. Evaluation must not depend
+    on the number of ranks or the micro-batch."""
+    runner = tmp_path / "run_sgd.py"
+    runner.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport torch\nimport train\nimport test_ponder\n"
+                      "torch.optim.AdamW = test_ponder.SGD\ntrain.main(sys.argv[1:])\n")
+    args = [f"--dataset={dataset}", *TINY, *SGD_ARGS, "--batch_tokens=256", "--micro_batch=4", "--grad_passes=2",
+            f"--out_dir={tmp_path / 'two'}"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(runner), *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "4 seqs x 16 x 2 ranks x 1 accumulation" in result.stdout
-    one, two = log_losses(tmp_path / "one"), log_losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
-    for step in one:
-        assert one[step] == pytest.approx(two[step], abs=1e-5), step
-    for k, w in weights(tmp_path / "one").items():
-        torch.testing.assert_close(w, weights(tmp_path / "two")[k], rtol=1e-4, atol=1e-5)
+    assert "4 seqs x 16 x 2 ranks x 2 accumulation" in result.stdout
+    assert_same_weights(weights(tmp_path / "two"), reference_sgd(dataset, tmp_path / "two", ranks=2, accum=2))
+    cfg = train.TrainConfig(**{**torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["train_config"],
+                               "micro_batch": 3})
+    torch.manual_seed(cfg.seed)
+    model = build("ponderlm2", PonderConfig(vocab_size=256, **{k: getattr(cfg, k) for k in train.MODEL_KEYS}))
+    meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset)}
+    val0 = train.evaluate(model, meta, cfg, "cpu", train.nullcontext(), 0, 1)      # 1 rank, micro-batch 3
+    logged = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert logged[0] == {"step": 0, "val_loss": pytest.approx(val0, abs=1e-6)}
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
+    lr = [train.lr_at(cfg, s) for s in range(130)]
+    assert lr[0] == pytest.approx(0.1) and lr[4] == pytest.approx(0.5) and lr[9] == lr[10] == 1.0   # warmup
+    assert lr[60] == pytest.approx(0.55)                             # half way down the cosine: (1 + 0.1) / 2
+    assert all(a > b for a, b in zip(lr[10:110], lr[11:111]))         # decreasing all the way
+    assert lr[110:] == [pytest.approx(0.1)] * 20                      # then the floor
+    cfg.lr_decay_iters, cfg.max_iters = 110, 200                      # a run extended past its schedule
+    assert train.lr_at(cfg, 150) == pytest.approx(0.1) and train.lr_at(cfg, 60) == pytest.approx(0.55)
+
+
+def test_extending_a_finished_run_keeps_its_schedule(dataset, tmp_path):
+    train_run(dataset, tmp_path, "--max_iters=4", "--eval_interval=4")
+    train_run(dataset, tmp_path, "--max_iters=6", "--eval_interval=2")
+    lrs = {e["step"]: e["lr"] for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in e}
+    assert sorted(lrs) == [1, 2, 3, 4, 5, 6]
+    assert lrs[5] == lrs[6] == pytest.approx(3e-3 * 0.1)             # the floor, not a restarted cosine
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["train_config"]["lr_decay_iters"] == 4
+
+
+def test_resume_applies_the_options_given_now(dataset, tmp_path):
+    train_run(dataset, tmp_path, "--max_iters=2", "--eval_interval=2")
+    train_run(dataset, tmp_path, "--max_iters=3", "--weight_decay=0.05", "--beta2=0.99")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    decayed, rest = ckpt["optimizer"]["param_groups"]
+    assert decayed["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    assert tuple(decayed["betas"]) == tuple(rest["betas"]) == (0.9, 0.99)
+    assert ckpt["train_config"]["weight_decay"] == 0.05 and ckpt["train_config"]["beta2"] == 0.99
+
+
+def test_batch_layout_fits_any_number_of_ranks():
+    gpu = train.TrainConfig(batch_tokens=32768, micro_batch=32, block_size=256)      # the CUDA defaults
+    for world in range(1, 9):
+        micro, accum, tokens = train.batch_layout(gpu, set(), world)
+        assert micro * accum * 256 * world == tokens and micro <= 32, world
+        assert abs(tokens / 32768 - 1) < 0.05, (world, tokens)
+    assert train.batch_layout(gpu, set(), 1) == (32, 4, 32768) and train.batch_layout(gpu, set(), 8) == (16, 1, 32768)
+    assert train.batch_layout(train.TrainConfig(), set(), 1) == (8, 1, 1024)          # the CPU defaults
+    assert train.batch_layout(gpu, {"batch_tokens"}, 4) == (32, 1, 32768)             # given: kept exactly
+    with pytest.raises(train.Fail, match="not a multiple"):
+        train.batch_layout(gpu, {"batch_tokens", "micro_batch"}, 3)
+
+
+def test_bf16_only_where_the_gpu_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert common.pick_device("cuda", "auto")[2] == "float32"         # emulated only (pre-Ampere)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert common.pick_device("cuda", "auto")[2] == "bfloat16"
+
+
+def test_peak_flops_table(monkeypatch):
+    for name, peak in [("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                       ("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12), ("NVIDIA H200", 989e12)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda name=name: name)
+        assert train.peak_flops("cuda", "bfloat16") == peak, name
+
+
+# ---- nothing lost, nothing mixed ------------------------------------------------------------------------------
+
+def test_a_second_run_in_the_same_folder_is_refused(dataset, tmp_path):
+    holder = train.RunDir(tmp_path)
+    holder.claim()
+    with pytest.raises(train.Fail, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+        train_run(dataset, tmp_path, "--max_iters=1")
+    holder.release()
+    train_run(dataset, tmp_path, "--max_iters=1")
+    # a run killed by kill -9 leaves no stale lock behind
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time, train; r = train.RunDir(sys.argv[1]); r.claim(); "
+                          "print('held', flush=True); time.sleep(60)", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline() == "held\n"
+    p.kill()
+    p.wait()
+    train_run(dataset, tmp_path, "--max_iters=2")
+
+
+def test_concurrent_saves_never_collide(tmp_path):
+    import threading
+    errors = []
+
+    def save(value):
+        try:
+            for _ in range(10):
+                train.save_checkpoint(tmp_path / "ckpt.pt", {"w": torch.full((1000,), value)})
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(v,)) for v in (1.0, 2.0)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["w"].unique().numel() == 1
+
+
+def wait_for(p, text):
+    """Read p's stdout until a line containing text; return the lines read."""
+    lines = []
+    while text not in (line := p.stdout.readline()):
+        assert line, "".join(lines) + p.stderr.read()
+        lines.append(line)
+    return lines
+
+
+def test_sigterm_stops_after_the_step_and_saves(dataset, tmp_path):
+    p = subprocess.Popen([sys.executable, "train.py", f"--dataset={dataset}", f"--out_dir={tmp_path}", *TINY,
+                          "--max_iters=100000", "--eval_interval=100000"], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for(p, "step 3/")
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and err == "", err
+    step = int(out.split("stopped at step ")[1].split(";")[0])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"] == step
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-one-rank"])
+def test_a_signal_under_torchrun_stops_every_rank_at_one_step(dataset, tmp_path, how):
+    """Ctrl-C in a terminal reaches torchrun's process group; torchrun passes it on to each worker. A scheduler may
+    signal a single worker: the other must stop at the same step."""
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", f"--dataset={dataset}", f"--out_dir={tmp_path}", *TINY, "--max_iters=100000",
+                          "--eval_interval=100000"], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for(p, "step 3/")
+    if how == "ctrl-c":
+        os.killpg(p.pid, signal.SIGINT)
+    else:
+        workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGTERM)
+    out, err = p.communicate(timeout=180)
+    step = int(out.split("stopped at step ")[1].split(";")[0])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
+    assert 'train.py", line' not in err and "interrupted" not in err, err[-2000:]   # torchrun may print its own
+
+
+def test_disk_full_at_a_save_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch, capsys):
+    train_run(dataset, tmp_path, "--max_iters=2", "--eval_interval=2")
+
+    def full(obj, f):
+        f.write(b"part of a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    capsys.readouterr()
+    with pytest.raises(train.Fail, match="No space left on device; .*ckpt.pt still holds step 2"):
+        train_run(dataset, tmp_path, "--max_iters=4", "--eval_interval=2")
+    assert "saved" not in capsys.readouterr().out
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "lock", "log.jsonl"]
+
+
+@pytest.mark.parametrize("argv", [["--beta1=2"], ["--beta2=nan"], ["--beta2=1"], ["--seed=-1"], ["--grad_clip=nan"], ["--lr=inf"],
+                                  ["--weight_decay=nan"], ["--rope_theta=0"], ["--norm_eps=-1"], ["--min_lr_ratio=2"],
+                                  ["--method=pondr"], ["--emb_scale=2"], ["--method=loop", "--jacobi_min=1"],
+                                  ["--learning_rate=1e-3"], ["--init_from=maybe"]])
+def test_bad_options_fail_in_one_line_before_any_work(dataset, tmp_path, capsys, argv):
+    out = tmp_path / "never_made"
+    try:
+        train_run(dataset, out, *argv)
+    except SystemExit:                                  # argparse: usage line, then one error line
+        err = capsys.readouterr().err
+        assert err.count("\n") == 2 and "error:" in err, err
+        if "learning_rate" in argv[0]:
+            assert "did you mean --lr?" in err
+    except train.Fail as e:
+        assert "\n" not in str(e) and argv[-1].split("=")[0].lstrip("-") in str(e), str(e)
+    else:
+        pytest.fail(f"{argv} was accepted")
+    assert not out.exists()
+
+
+def test_divergence_names_only_a_checkpoint_that_exists(dataset, tmp_path, monkeypatch):
+    forward = PonderLM.forward
+    monkeypatch.setattr(PonderLM, "forward", lambda self, *a, **kw: (lambda lg, ls: (lg, ls * float("nan")))(
+        *forward(self, *a, **kw)))
+    with pytest.raises(train.Fail, match="diverged; no checkpoint was saved"):
+        train_run(dataset, tmp_path, "--max_iters=2")
+
+
+def test_an_out_dir_that_cannot_be_used(dataset, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(train.Fail, match="cannot use --out_dir=.*a_file"):
+        train_run(dataset, tmp_path / "a_file", "--max_iters=1")
+
+    def read_only(self, *a, **kw):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(train.Fail, match="Read-only file system; choose a writable folder"):
+        train_run(dataset, tmp_path / "ro", "--max_iters=1")
+
+
+def test_a_damaged_log_is_repaired_on_resume(dataset, tmp_path):
+    train_run(dataset, tmp_path, "--max_iters=2", "--eval_interval=2")
+    with open(tmp_path / "log.jsonl", "ab") as f:
+        f.write(b'\xff\xfe not utf-8\n[1, 2]\n"text"\n{"step": "x"}\n{"no_step": 1}\n{"step": 9, "loss": 1}\n{"ste')
+    train_run(dataset, tmp_path, "--max_iters=3")
+    entries = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2, 3]
+
+
+def test_starting_over_keeps_the_previous_run(dataset, tmp_path):
+    train_run(dataset, tmp_path, "--max_iters=1")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    train_run(dataset, tmp_path, "--max_iters=1", "--init_from=scratch", "--seed=5")
+    (old,) = tmp_path.glob("previous-*")
+    assert (old / "ckpt.pt").read_bytes() == before and (old / "log.jsonl").exists()
+
+
+def test_compiled_bf16_training_matches_eager(dataset, tmp_path, monkeypatch):
+    """train.py's CUDA path on the CPU: every block compiled (aot_eager: the graphs, without code generation) under
+    bf16 autocast, against eager bf16. Also counts the graphs: they must not depend on J."""
+    from torch._dynamo.utils import counters
+    compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile(self, **kw, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    args = ["--dtype=bfloat16", "--max_iters=4", "--eval_interval=4", "--jacobi_min=1", "--jacobi_max=3"]
+    train_run(dataset, tmp_path / "c", *args, "--compile=true")
+    graphs = counters["stats"]["unique_graphs"]
+    train_run(dataset, tmp_path / "e", *args, "--compile=false")
+    c, e = log_losses(tmp_path / "c"), log_losses(tmp_path / "e")
+    assert sorted(c) == [1, 2, 3, 4]
+    for step in c:
+        assert c[step] == pytest.approx(e[step], abs=2e-2), step
+    assert graphs <= 2 * 2, f"{graphs} graphs: one per slot count (1, 2) and grad mode at most"
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
@@ -718,6 +1045,70 @@ def test_sample_errors_and_odd_prompts(trained, tmp_path, capsys):
     assert "keeping its last 16" in capsys.readouterr().err
     broken = b"x = \xff\xfe".decode("utf-8", errors="surrogateescape")      # how argv delivers invalid bytes
     assert len(sample.main([f"--out_dir={trained}", f"--start={broken}", "--num_samples=1", "--max_new_tokens=5"])[0]) == 5
+
+
+def test_sample_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample.main([f"--out_dir={trained}", "--temperature=nan"])
+    assert "expected a finite number" in capsys.readouterr().err
+    with pytest.raises(train.Fail, match="more than the vocabulary"):
+        sample.main([f"--out_dir={trained}", "--show_thoughts", "--thought_tokens=1000"])
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    (tmp_path / "a").mkdir()
+    torch.save({k: v for k, v in ckpt.items() if k != "model_config"}, tmp_path / "a" / "ckpt.pt")
+    with pytest.raises(train.Fail, match="not a checkpoint of train.py .*'model_config'"):
+        sample.main([f"--out_dir={tmp_path / 'a'}"])
+    ckpt["model"]["wte.weight"] = ckpt["model"]["wte.weight"][:10]
+    torch.save(ckpt, tmp_path / "a" / "ckpt.pt")
+    with pytest.raises(train.Fail, match="does not match the model it describes"):
+        sample.main([f"--out_dir={tmp_path / 'a'}"])
+
+
+def test_sample_into_a_closed_pipe_and_ctrl_c(trained):
+    cmd = f"{sys.executable} sample.py --out_dir={trained} --num_samples=50 --max_new_tokens=200 | head -c 20"
+    result = subprocess.run(cmd, shell=True, cwd=REPO, capture_output=True, timeout=120)
+    assert len(result.stdout) == 20 and b"Error" not in result.stderr and b"Traceback" not in result.stderr
+    p = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={trained}", "--num_samples=1000"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "sample 2/" not in p.stderr.readline():
+        pass
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "interrupted", err
+
+
+@pytest.mark.parametrize("method", ["pause", "loop", "ponderlm"])
+def test_every_method_trains_and_samples(dataset, tmp_path, method, capsys):
+    train_run(dataset, tmp_path, f"--method={method}", "--n_thoughts=2", "--max_iters=3", "--eval_interval=3")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["method"] == method
+    out = sample.main([f"--out_dir={tmp_path}", "--num_samples=1", "--max_new_tokens=30", "--show_thoughts",
+                       "--temperature=0"])
+    assert len(out[0]) == 30
+    assert capsys.readouterr().out.count("⟦") == 2 * 30
+    with pytest.raises(train.Fail, match=f"is a {method} model|has method={method}"):
+        train_run(dataset, tmp_path, "--method=ponderlm2", "--max_iters=4")
+
+
+def test_prepare_refuses_to_overwrite_or_escape_data(tmp_path, monkeypatch, capsys):
+    import data.prepare as prep
+    monkeypatch.setattr(prep, "DATA_DIR", tmp_path / "data")
+    src = tmp_path / "stdlib.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    prep.main(["text", str(src)])
+    before = (tmp_path / "data" / "stdlib" / "train.bin").read_bytes()
+    src.write_text("something else entirely\n" * 50, encoding="utf-8")
+    for argv, message in [(["text", str(src)], "already holds a dataset; .* --force"),
+                          (["text", str(src), "--name=../../x"], "plain folder name"),
+                          (["text", str(src), "--name=a/b"], "plain folder name")]:
+        with pytest.raises(SystemExit, match=message):
+            prep.main(argv)
+    assert (tmp_path / "data" / "stdlib" / "train.bin").read_bytes() == before
+    prep.main(["text", str(src), "--force"])
+    assert (tmp_path / "data" / "stdlib" / "train.bin").read_bytes() != before
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit, match="empty"):
+        prep.main(["text", str(tmp_path / "empty.txt")])
+    assert not (tmp_path / "data" / "empty").exists()
 
 
 def test_ci_runs_the_readme_test_command():

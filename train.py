@@ -1,28 +1,27 @@
 """
-Train PonderLM-2, or its vanilla baselines, on tokenized .bin files.
+Train PonderLM-2, a vanilla model (K = 0), or one of the paper's baselines, on tokenized .bin files.
 
-    python train.py                                     # byte-level Python stdlib corpus, K = 1, any device
-    python train.py --n_thoughts=0                      # the vanilla baseline of the same size
-    python train.py --n_thoughts=0 --n_layer=8          # vanilla with twice the layers: same decoding FLOPs
+    python train.py                                              # byte-level stdlib corpus, K = 1, any device
+    python train.py --n_thoughts=0 --out_dir=out-vanilla         # the vanilla model of the same size
+    python train.py --method=pause --n_thoughts=3 --out_dir=out-pause     # a baseline: pause, loop or ponderlm
     torchrun --standalone --nproc_per_node=8 train.py --dataset=tinystories      # one GPU node
-    python train.py --help                              # every option, with its default
+    python train.py --help                                       # every option, with its default
 
-Multi-node: torchrun's own flags (--nnodes, --node_rank, --rdzv_endpoint=HOST:PORT) on each node; nothing here
-changes. The batch is given in tokens per optimizer step, over all ranks; gradient accumulation is derived.
-A run continues from out_dir/ckpt.pt when there is one (--init_from=auto); Ctrl-C saves a checkpoint first.
+The batch is given in tokens per optimizer step over all ranks; gradient accumulation is derived. Running the same
+command again continues the run in out_dir. Ctrl-C or SIGTERM (kill, a scheduler, torchrun) finishes the step,
+evaluates, saves and exits; a second one stops at once. Multi-node: torchrun's own flags on each node.
 """
 
-import argparse
-import difflib
 import json
 import math
 import os
 import platform
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +30,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import METHODS, build
-from ponder import PonderConfig
+from common import Fail, load_checkpoint, model_from, opt, parse_options, pick_device
+from ponder import EMB_SCALES, PonderConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-
-
-def opt(default, help, gpu=None):
-    return field(default=default, metadata=dict(help=help, gpu=gpu))
 
 
 @dataclass
 class TrainConfig:
     # data, output, evaluation
     dataset: str = opt("stdlib", "folder under data/ (or a path) with train.bin, val.bin, meta.json")
-    out_dir: str = opt("out", "where ckpt.pt and log.jsonl go")
+    out_dir: str = opt("out", "where ckpt.pt and log.jsonl go; one run at a time")
     init_from: str = opt("auto", "auto (resume if out_dir has a checkpoint), scratch, or resume")
     eval_interval: int = opt(100, "evaluate and checkpoint every this many steps", gpu=250)
     eval_windows: int = opt(160, "fixed validation windows of block_size tokens per evaluation, split over ranks",
@@ -52,112 +48,73 @@ class TrainConfig:
     eval_exact: bool = opt(False, "also report val loss with exact thoughts (Jacobi until fixed); slow")
     eval_only: bool = opt(False, "evaluate the checkpoint in out_dir and exit")
     log_interval: int = opt(10, "print a training line every this many steps")
-    # model (PonderConfig)
+    # model (PonderConfig, and the method that uses it)
     method: str = opt("ponderlm2", "ponderlm2 (latent thoughts), or a baseline: pause, loop, ponderlm (K = n_thoughts)")
     n_layer: int = opt(4, "transformer blocks", gpu=6)
     n_head: int = opt(4, "attention heads", gpu=6)
     n_embd: int = opt(128, "model width d", gpu=384)
     block_size: int = opt(128, "tokens per sequence (a sequence has (K+1) times as many slots)", gpu=256)
-    n_thoughts: int = opt(1, "latent thoughts K per token; 0 trains a vanilla transformer")
-    jacobi_min: int = opt(2, "fewest Jacobi passes J in a training step (J is drawn per step)")
+    n_thoughts: int = opt(1, "K: latent thoughts per token (pause slots, extra loops or passes); 0 is vanilla")
+    jacobi_min: int = opt(2, "fewest Jacobi passes J in a training step (one J per optimizer step)")
     jacobi_max: int = opt(3, "most Jacobi passes J in a training step")
     jacobi_eval: int = opt(3, "Jacobi passes J at evaluation")
     grad_passes: int = opt(0, "backpropagate through only the last n passes of the thought solve (0: all)")
-    emb_scale: str = opt("auto", "token-embedding multiplier: auto (the method's own if K > 0, else 1), 1, sqrt_d, "
-                                 "sqrt_2.5d")
+    emb_scale: str = opt("auto", "token-embedding multiplier: auto (the method's own if K > 0, else 1), "
+                                 + ", ".join(EMB_SCALES))
     rope_theta: float = opt(10000.0, "rotary base")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     # optimization
-    batch_tokens: int = opt(1024, "tokens per optimizer step over all ranks and micro-steps", gpu=32768)
+    batch_tokens: int = opt(1024, "tokens per optimizer step over all ranks (the default is fitted to the ranks)",
+                            gpu=32768)
     micro_batch: int = opt(8, "sequences per forward pass on each rank", gpu=32)
     max_iters: int = opt(600, "optimizer steps to train for", gpu=1500)
     lr: float = opt(3e-3, "peak learning rate", gpu=1.5e-3)
     min_lr_ratio: float = opt(0.1, "the cosine decays to this fraction of lr")
     warmup_iters: int = opt(30, "linear warmup steps", gpu=100)
-    lr_decay_iters: int = opt(0, "length of the cosine schedule (0: max_iters)")
+    lr_decay_iters: int = opt(0, "length of the cosine (0: max_iters of the run's first start; kept on resume)")
     weight_decay: float = opt(0.1, "AdamW weight decay, on matrices only")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
     # system
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = opt("auto", "auto (bfloat16 on CUDA, else float32), bfloat16 or float32")
-    compile: str = opt("auto", "torch.compile: auto (on for CUDA on Linux), true or false")
+    dtype: str = opt("auto", "auto (bfloat16 on GPUs that have it natively, else float32), bfloat16 or float32")
+    compile: str = opt("auto", "torch.compile each block: auto (on for CUDA on Linux), true or false")
     seed: int = opt(1337, "seeds the init, the batches and the J draws")
 
 
 MODEL_KEYS = [f.name for f in fields(PonderConfig) if f.name != "vocab_size"]
-FREE_MODEL_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"}     # a resumed run may change these
-SYSTEM_KEYS = {"device", "dtype", "compile"}                      # describe this machine: never taken from a checkpoint
+FREE_MODEL_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"}   # a resumed run may change these
+THOUGHT_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"}      # PonderLM-2's thought solve only
+SYSTEM_KEYS = {"device", "dtype", "compile"}                     # describe this machine: never taken from a checkpoint
 
 
-class Fail(Exception):
-    """An error the user can fix: printed as one line, no traceback."""
+# ---- options ----------------------------------------------------------------------------------------------------
 
-
-# ---- command line -----------------------------------------------------------------------------------------------
-
-def parse_value(kind, text):
-    s = text.strip().lower()
-    if kind is bool:
-        if s in ("1", "true", "yes", "on"):
-            return True
-        if s in ("0", "false", "no", "off"):
-            return False
-        raise ValueError
-    if kind is int:
-        try:
-            return int(s)                    # accepts 10_000 too
-        except ValueError:
-            v = float(s)                     # accepts 1e4
-            if not math.isfinite(v) or v != int(v):
-                raise ValueError from None
-            return int(v)
-    return kind(text)
-
-
-def parse_options(config_class, argv=None, description=""):
-    """Command-line options from a dataclass of opt() fields: --name=value or --name value, typed like the field.
-    Returns the config and the names of the options given. Unknown or ill-typed options exit with one line."""
-    script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train.py"
-    p = argparse.ArgumentParser(usage=f"python {script} [--option=value ...]   (--help lists them)",
-                                description=description + " Options take --name=value or --name value.",
-                                allow_abbrev=False)
-    for f in fields(config_class):
-        def convert(text, kind=f.type):
-            try:
-                return parse_value(kind, text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-
-        gpu = f.metadata.get("gpu")
-        help = f.metadata["help"] + (f" (on CUDA: {gpu})" if gpu is not None else "")
-        flag = dict(nargs="?", const=True) if f.type is bool else {}     # a bare --flag means true
-        p.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
-                       help=help + f" [default: {f.default}]", **flag)
-    args, unknown = p.parse_known_args(argv)
-    for u in unknown:
-        name = u.split("=")[0].lstrip("-")
-        close = difflib.get_close_matches(name, [f.name for f in fields(config_class)], n=1)
-        p.error(f"unknown option {u.split('=')[0]!r}" + (f"; did you mean --{close[0]}?" if close else ""))
-    given = vars(args)
-    return config_class(**given), set(given)
-
-
-def pick_device(device, dtype):
-    """Resolve --device and --dtype ('auto' or explicit) to (device, its kind, dtype name), with clear errors."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise Fail(f"--device={device}: use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
-        raise Fail(f"--device={device} but this machine has no {kind.upper()} device; use --device=cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16"):
-        raise Fail(f"--dtype={dtype}: use auto, bfloat16 or float32")
-    return device, kind, dtype
+def check_config(cfg, given):
+    """Every option, before any work (floats are already known to be finite)."""
+    positive = ("eval_interval", "eval_windows", "log_interval", "batch_tokens", "micro_batch", "max_iters")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise Fail(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "seed"):
+        if getattr(cfg, name) < 0:
+            raise Fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or not 0 <= cfg.min_lr_ratio <= 1:
+        raise Fail(f"--lr must be > 0 and --min_lr_ratio within [0, 1], got {cfg.lr} and {cfg.min_lr_ratio}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise Fail(f"--{name} must be within [0, 1), got {getattr(cfg, name)}")
+    choices = dict(init_from=("auto", "scratch", "resume"), method=tuple(METHODS), compile=("auto", "true", "false"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise Fail(f"--{name}={getattr(cfg, name)}: use {', '.join(allowed)}")
+    if cfg.method != "ponderlm2" and (unused := sorted(given & THOUGHT_KEYS)):
+        raise Fail(f"--{unused[0]} belongs to PonderLM-2's thought solve; {cfg.method} is exact in one forward")
+    try:
+        return PonderConfig(vocab_size=1, **{k: getattr(cfg, k) for k in MODEL_KEYS})
+    except ValueError as e:
+        raise Fail(str(e)) from None
 
 
 def resolve_system(cfg, given):
@@ -168,36 +125,34 @@ def resolve_system(cfg, given):
             if f.metadata["gpu"] is not None and f.name not in given:
                 setattr(cfg, f.name, f.metadata["gpu"])
     compile = cfg.compile.lower()
-    if compile not in ("auto", "true", "false"):
-        raise Fail(f"--compile={cfg.compile}: use auto, true or false")
     compile = kind == "cuda" and platform.system() == "Linux" if compile == "auto" else compile == "true"
     return device, kind, dtype, compile
 
 
-def check_config(cfg):
-    for name in ("eval_interval", "eval_windows", "log_interval", "batch_tokens", "micro_batch", "max_iters"):
-        if getattr(cfg, name) < 1:
-            raise Fail(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise Fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.lr > 0 or not 0 <= cfg.min_lr_ratio <= 1:
-        raise Fail(f"--lr must be > 0 and --min_lr_ratio within [0, 1], got {cfg.lr} and {cfg.min_lr_ratio}")
-    if cfg.method not in METHODS:
-        raise Fail(f"--method={cfg.method}: use {', '.join(METHODS)}")
-    if cfg.init_from not in ("auto", "scratch", "resume"):
-        raise Fail(f"--init_from={cfg.init_from}: use auto, scratch or resume")
+def batch_layout(cfg, given, world):
+    """(micro_batch, accumulation steps, batch_tokens). What the user set is kept exactly (an error if the ranks
+    cannot share it); a default micro_batch shrinks until it divides batch_tokens over the ranks, and a default
+    batch_tokens becomes the nearest batch that the ranks can share, so any number of GPUs works."""
+    T, micro, tokens = cfg.block_size, cfg.micro_batch, cfg.batch_tokens
+    if "batch_tokens" not in given:
+        per_rank = max(1, round(tokens / (T * world)))               # sequences per rank and step
+        accum = math.ceil(per_rank / micro)
+        micro = micro if "micro_batch" in given else math.ceil(per_rank / accum)
+        tokens = micro * accum * T * world
+    elif "micro_batch" not in given:
+        while micro > 1 and tokens % (micro * T * world):
+            micro -= 1
+    if tokens % (micro * T * world):
+        raise Fail(f"--batch_tokens={tokens} is not a multiple of micro_batch*block_size*ranks = "
+                   f"{micro}*{T}*{world} = {micro * T * world}")
+    return micro, tokens // (micro * T * world), tokens
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
 
-def dataset_dir(name):
-    return Path(name) if os.sep in name or "/" in name else DATA_DIR / name
-
-
 def load_meta(cfg, master):
     """The dataset's meta.json; the default stdlib corpus is prepared on first use (by rank 0, others wait)."""
-    folder = dataset_dir(cfg.dataset)
+    folder = Path(cfg.dataset) if os.sep in cfg.dataset or "/" in cfg.dataset else DATA_DIR / cfg.dataset
     if cfg.dataset == "stdlib" and not (folder / "meta.json").exists() and master:
         from data.prepare import prepare_stdlib
         print("preparing the default corpus (the Python standard library, byte-level) ...")
@@ -207,12 +162,16 @@ def load_meta(cfg, master):
     if not (folder / "meta.json").exists():
         raise Fail(f"dataset {cfg.dataset!r} not found: {folder}/meta.json is missing; prepare it first, e.g. "
                    f"python data/prepare.py text PATH --name={folder.name}")
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    for split in ("train", "val"):
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        sizes = {split: int(meta[f"{split}_tokens"]) for split in ("train", "val")}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise Fail(f"{folder}/meta.json is damaged: prepare the dataset again") from None
+    for split, expected in sizes.items():
         path = folder / f"{split}.bin"
         n = path.stat().st_size // 2 if path.exists() else 0
-        if n != meta[f"{split}_tokens"]:
-            raise Fail(f"{path} holds {n:,} tokens but meta.json says {meta[f'{split}_tokens']:,}: prepare it again")
+        if n != expected:
+            raise Fail(f"{path} holds {n:,} tokens but meta.json says {expected:,}: prepare the dataset again")
         if n < cfg.block_size + 1:
             raise Fail(f"{path} has {n:,} tokens, fewer than block_size+1 = {cfg.block_size + 1}; lower --block_size")
     meta["folder"] = folder
@@ -235,14 +194,15 @@ def train_offsets(n, cfg, step, micro):
 
 
 def jacobi_for(cfg, step):
-    """J for this step, the same on every rank (the method draws one J per step, for the whole batch)."""
+    """J for this step: one draw per optimizer step, shared by its micro-steps and ranks (see README)."""
     return int(np.random.default_rng([cfg.seed, step, 1 << 30]).integers(cfg.jacobi_min, cfg.jacobi_max + 1))
 
 
 def lr_at(cfg, step):
-    decay = cfg.lr_decay_iters or cfg.max_iters
+    """Linear warmup to lr, then a cosine down to lr*min_lr_ratio at lr_decay_iters, then that floor."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
+    decay = cfg.lr_decay_iters or cfg.max_iters
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, decay - cfg.warmup_iters))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -267,40 +227,198 @@ def evaluate(model, meta, cfg, device, autocast, rank, world, jacobi=None):
     return total.item() / len(offsets)
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------------
+# ---- the run folder: one run at a time, a log that survives crashes, checkpoints never half-written ------------
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the previous checkpoint intact."""
-    tmp = Path(f"{path}.tmp")
+    """Write to a temporary file of this process, flush it to disk, then rename: a crash or a full disk leaves the
+    previous checkpoint intact."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         if hasattr(os, "O_DIRECTORY"):       # make the rename itself durable (POSIX)
-            fd = os.open(Path(path).parent, os.O_DIRECTORY)
+            dir_fd = os.open(Path(path).parent, os.O_DIRECTORY)
             try:
-                os.fsync(fd)
+                os.fsync(dir_fd)
             finally:
-                os.close(fd)
+                os.close(dir_fd)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
 
 
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise Fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or use another --out_dir")
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "model_config", "train_config", "step"} <= set(ckpt):
-        raise Fail(f"{path} is not a checkpoint of train.py; delete it or use another --out_dir")
-    return ckpt
+class RunDir:
+    """out_dir, as rank 0 sees it: ckpt.pt, log.jsonl, and a lock held for the whole run, so that a second run
+    aimed at the same folder stops at once. The OS drops the lock when a process dies, even by kill -9."""
+
+    def __init__(self, path):
+        self.path, self.lock = Path(path), None
+        self.ckpt, self.log = self.path / "ckpt.pt", self.path / "log.jsonl"
+
+    def claim(self):
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.path / "lock", "a+", encoding="utf-8")
+        except OSError as e:
+            raise Fail(f"cannot use --out_dir={self.path}: {e.strerror or e}; choose a writable folder") from None
+        try:
+            lock_file(self.lock)
+        except OSError:
+            self.lock.seek(0)
+            owner = self.lock.read().strip() or "unknown"
+            self.release()
+            raise Fail(f"{self.path} is in use by another run (pid {owner}); wait for it to end, stop it, or choose "
+                       "another --out_dir") from None
+        self.lock.seek(0)
+        self.lock.truncate()
+        self.lock.write(str(os.getpid()))
+        self.lock.flush()
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.close()                     # closing the file drops the lock
+            self.lock = None
+
+    def set_aside(self):
+        """Starting over where a run exists: keep the old one in previous-<time>/, never delete it."""
+        old = self.path / time.strftime("previous-%Y%m%d-%H%M%S")
+        old.mkdir()
+        for path in (self.ckpt, self.log):
+            if path.exists():
+                os.replace(path, old / path.name)
+        return old
+
+    def entries(self):
+        """The log's entries; lines cut short by a crash, not UTF-8 or not JSON objects with a step are skipped."""
+        out = []
+        for raw in self.log.read_bytes().splitlines() if self.log.exists() else []:
+            try:
+                entry = json.loads(raw.decode("utf-8"))
+            except ValueError:                    # UnicodeDecodeError is a ValueError
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+                out.append(entry)
+        return out
+
+    def rewind(self, step):
+        """Keep the log's entries up to `step` (a resumed run redoes what came after its checkpoint)."""
+        kept = [e for e in self.entries() if e["step"] <= step]
+        self.write(lambda f: f.writelines(json.dumps(e) + "\n" for e in kept), "w")
+
+    def record(self, entry):
+        self.write(lambda f: f.write(json.dumps(entry) + "\n"), "a")
+
+    def write(self, fn, mode):
+        try:
+            with open(self.log, mode, encoding="utf-8") as f:
+                fn(f)
+        except OSError as e:
+            raise Fail(f"cannot write {self.log}: {e.strerror or e}; free some space and run the same command "
+                       "again") from None
+
+    def save(self, state):
+        try:
+            save_checkpoint(self.ckpt, state)
+        except OSError as e:
+            kept = f"{self.ckpt} still holds step {self.saved_step()}" if self.ckpt.exists() else "nothing was saved"
+            raise Fail(f"cannot save {self.ckpt}: {e.strerror or e}; {kept}. Free some space and run the same "
+                       "command again") from None
+
+    def saved_step(self):
+        return load_checkpoint(self.ckpt)["step"]
+
+
+def lock_file(f):
+    if os.name == "nt":
+        import msvcrt
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# ---- stopping cleanly -------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM ask the run to stop after the current step, with an evaluation and a checkpoint;
+    a second signal stops at once. Under torchrun (which passes the signals it gets on to its workers) the ranks
+    must stop at the same step even if only one was signalled, so after every step they agree by an all-reduce of
+    one number on the CPU (a gloo group: no GPU synchronisation)."""
+
+    def __init__(self, ddp):
+        self.asked = False
+        self.group = dist.new_group(backend="gloo") if ddp else None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, sig, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __call__(self):
+        if self.group is None:
+            return self.asked
+        flag = torch.tensor([float(self.asked)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return flag.item() > 0
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+def resume_config(cfg, given, run):
+    """The checkpoint to continue, if any, and the config: the checkpoint's settings, except the options given
+    now and those that describe this machine. The model must match."""
+    resume = cfg.init_from == "resume" or cfg.init_from == "auto" and run.ckpt.exists() or cfg.eval_only
+    if not resume:
+        return cfg, None
+    if not run.ckpt.exists():
+        raise Fail(f"no checkpoint at {run.ckpt} to resume; train one first (python train.py --out_dir={run.path})")
+    ckpt = load_checkpoint(run.ckpt)
+    saved = {**ckpt["train_config"], "method": ckpt.get("method", "ponderlm2")}
+    for key in [*MODEL_KEYS, "method"]:
+        old = {**ckpt["model_config"], "method": saved["method"]}.get(key)
+        if key in given and key not in FREE_MODEL_KEYS and old is not None and getattr(cfg, key) != old:
+            raise Fail(f"{run.ckpt} has {key}={old}, not {getattr(cfg, key)}; drop --{key} to resume it, or train "
+                       f"the new model in another --out_dir")
+    known = {f.name for f in fields(TrainConfig)} - SYSTEM_KEYS
+    cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **{k: getattr(cfg, k) for k in given
+                                                                            | SYSTEM_KEYS}})
+    cfg.init_from = "resume"
+    return cfg, ckpt
+
+
+def optimizer_settings(cfg, kind):
+    """Each param group's options (matrices with weight decay, then the rest), set when the optimizer is made and
+    again after a resume, so that a resumed run uses the options it was given, not those of its checkpoint."""
+    common = dict(betas=(cfg.beta1, cfg.beta2), fused=kind == "cuda")
+    return [dict(weight_decay=cfg.weight_decay, **common), dict(weight_decay=0.0, **common)]
+
+
+def make_optimizer(model, cfg, kind, ckpt):
+    params = [[p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]]
+    optimizer = torch.optim.AdamW([dict(params=p, **s) for p, s in zip(params, optimizer_settings(cfg, kind))],
+                                  lr=cfg.lr)
+    if ckpt is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise Fail(f"the optimizer state in the checkpoint does not match the model ({e}); use another "
+                       "--out_dir") from None
+        for group, settings in zip(optimizer.param_groups, optimizer_settings(cfg, kind)):
+            group.update(settings)
+    return optimizer
 
 
 # Dense bf16 peak FLOP/s by device name; the first name contained in torch.cuda.get_device_name() wins.
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12,
-             "L4": 121e12, "A10": 125e12, "4090": 165e12}
+PEAK_BF16 = {"H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12, "L4": 121e12, "A10": 125e12,
+             "4090": 165e12}
 
 
 def peak_flops(kind, dtype):
@@ -310,154 +428,110 @@ def peak_flops(kind, dtype):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def logged_step(line):
-    """The step of a log.jsonl line, or None for a line cut short by a crash."""
-    try:
-        return json.loads(line)["step"]
-    except ValueError:
-        return None
-
-
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# ---- the run ----------------------------------------------------------------------------------------------------
-
 def main(argv=None):
-    cfg, given = parse_options(TrainConfig, argv, "Train PonderLM-2.")
+    cfg, given = parse_options(TrainConfig, argv, "Train PonderLM-2 or a baseline.")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device, kind, dtype, compile = resolve_system(cfg, given)
-    if ddp:
-        if kind == "cuda":
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-
-    # Resume: the checkpoint's settings, except the options given now; model shape must match.
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "ckpt.pt"
-    resume = cfg.init_from == "resume" or cfg.init_from == "auto" and ckpt_path.exists() or cfg.eval_only
-    ckpt = None
-    if resume:
-        if not ckpt_path.exists():
-            raise Fail(f"no checkpoint at {ckpt_path} to resume; train one first (python train.py --out_dir={out})")
-        ckpt = load_checkpoint(ckpt_path)
-        for key in MODEL_KEYS:
-            if key in given and key not in FREE_MODEL_KEYS and getattr(cfg, key) != ckpt["model_config"][key]:
-                raise Fail(f"{ckpt_path} has {key}={ckpt['model_config'][key]}, not {getattr(cfg, key)}; drop "
-                           f"--{key} to resume it, or train the new model in another --out_dir")
-        saved = {k: v for k, v in ckpt["train_config"].items() if k not in SYSTEM_KEYS}
-        cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given | SYSTEM_KEYS}})
-        cfg.init_from = "resume"
-    elif ckpt_path.exists():
-        log(f"warning: starting over (--init_from=scratch); {ckpt_path} will be overwritten")
-    check_config(cfg)
-    if cfg.method != "ponderlm2" and (unused := sorted(given & {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"})):
-        raise Fail(f"--{unused[0]} applies to the thought solve of ponderlm2 only; {cfg.method} is exact in one forward")
-    meta = load_meta(cfg, master)
-    vocab = 64 * math.ceil(meta["vocab_size"] / 64)       # padded to a multiple of 64 for fast matmuls
+    check_config(cfg, given)
+    run = RunDir(cfg.out_dir)
+    if master:
+        run.claim()
     try:
-        mconf = PonderConfig(vocab_size=vocab, **{k: getattr(cfg, k) for k in MODEL_KEYS})
-    except ValueError as e:
-        raise Fail(str(e)) from None
-    if ckpt is not None and ckpt.get("method", "ponderlm2") != cfg.method:
-        raise Fail(f"{ckpt_path} is a {ckpt.get('method', 'ponderlm2')} model, not {cfg.method}; drop --method to "
-                   f"resume it, or train the new model in another --out_dir")
-    if ckpt is not None and ckpt["model_config"]["vocab_size"] != vocab:
-        raise Fail(f"{ckpt_path} has a vocabulary of {ckpt['model_config']['vocab_size']}, dataset {cfg.dataset!r} "
-                   f"needs {vocab} ({meta['tokenizer']}); use the dataset it was trained on, or another --out_dir")
+        if ddp:
+            if kind == "cuda":
+                device = f"cuda:{local_rank}"
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        return train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world, log)
+    finally:
+        run.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    if "micro_batch" not in given:          # the default shrinks to fit: e.g. more ranks, same batch_tokens
-        while cfg.micro_batch > 1 and cfg.batch_tokens % (cfg.micro_batch * cfg.block_size * world):
-            cfg.micro_batch -= 1
-    tokens_per_micro = cfg.micro_batch * cfg.block_size * world
-    if cfg.batch_tokens % tokens_per_micro:
-        raise Fail(f"--batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch*block_size*ranks = "
-                   f"{cfg.micro_batch}*{cfg.block_size}*{world} = {tokens_per_micro}")
-    accum = cfg.batch_tokens // tokens_per_micro
+
+def train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world, log):
+    master, ddp = rank == 0, dist.is_initialized()
+    cfg, ckpt = resume_config(cfg, given, run)
+    mconf = check_config(cfg, given)
+    if ckpt is None and master and (run.ckpt.exists() or run.log.exists()):
+        log(f"starting over: the previous run's files went to {run.set_aside()}")
+    if ckpt is None and not cfg.lr_decay_iters:
+        cfg.lr_decay_iters = cfg.max_iters        # the schedule's length, kept when a later run extends max_iters
+    meta = load_meta(cfg, master)
+    mconf.vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)     # padded to a multiple of 64 for fast matmuls
+    if ckpt is not None and ckpt["model_config"]["vocab_size"] != mconf.vocab_size:
+        raise Fail(f"{run.ckpt} has a vocabulary of {ckpt['model_config']['vocab_size']}, dataset {cfg.dataset!r} "
+                   f"needs {mconf.vocab_size} ({meta['tokenizer']}); use its dataset, or another --out_dir")
+    cfg.micro_batch, accum, cfg.batch_tokens = batch_layout(cfg, given, world)
 
     torch.manual_seed(cfg.seed)
-    model = build(cfg.method, mconf).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
-                                   dict(params=no_decay, weight_decay=0.0)],
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=kind == "cuda")
-    step = 0
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise Fail(f"{ckpt_path} does not match the model it describes ({str(e).splitlines()[0]})") from None
-        step = ckpt["step"]
+    model = model_from(ckpt, run.ckpt, mconf) if ckpt else build(cfg.method, mconf)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, kind, ckpt)
+    step = ckpt["step"] if ckpt else 0
     autocast = torch.autocast(kind, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    fast = torch.compile(model) if compile else model    # `model` stays the plain module: it is what we save
-    train_model = DDP(fast, device_ids=[local_rank] if kind == "cuda" else None, broadcast_buffers=False) if ddp else fast
+    if compile:   # each block on its own: one small static graph per slot count and grad mode, whatever J is
+        torch._dynamo.config.cache_size_limit = 64
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    train_model = DDP(model, device_ids=[local_rank] if kind == "cuda" else None) if ddp else model
+    # `model` stays the plain module: it is what we save and evaluate (on every rank, never through DDP)
 
     def run_eval():
-        val = {"val_loss": evaluate(fast, meta, cfg, device, autocast, rank, world)}
-        if cfg.eval_exact and cfg.n_thoughts:
+        val = {"val_loss": evaluate(model, meta, cfg, device, autocast, rank, world)}
+        if cfg.eval_exact and cfg.n_thoughts and cfg.method == "ponderlm2":
             val["val_loss_exact"] = evaluate(model, meta, cfg, device, autocast, rank, world, jacobi="exact")
         if not all(math.isfinite(v) for v in val.values()):
-            raise Fail(f"validation loss is {val} at step {step}: training diverged; the last good checkpoint "
-                       f"stays in {ckpt_path} (try a lower --lr)")
+            diverged(f"validation loss is {val} at step {step}")
         return val
 
-    flops_tok = model.flops_per_token()
-    peak = peak_flops(kind, dtype)
-    log(f"model: {cfg.method}, {model.num_params():,} parameters ({model.num_params(True):,} in blocks), K={cfg.n_thoughts}, "
-        f"{cfg.n_layer}x{cfg.n_embd}, block {cfg.block_size}, {flops_tok / 1e6:.1f} MFLOP per training token")
+    def diverged(what):
+        kept = f"the last good checkpoint stays in {run.ckpt}" if run.ckpt.exists() else "no checkpoint was saved"
+        raise Fail(f"{what}: training diverged; {kept} (try a lower --lr)")
+
+    def evaluate_and_save():
+        val = run_eval()
+        if master:
+            run.record({"step": step, **({"eval_only": True} if cfg.eval_only else {}), **val})
+            if not cfg.eval_only:
+                run.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(mconf),
+                              train_config=asdict(cfg), method=cfg.method, step=step, tokenizer=meta["tokenizer"],
+                              **val))
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+            + ("" if cfg.eval_only else f"; saved {run.ckpt}"))
+        return val
+
+    flops_tok, peak = model.flops_per_token(), peak_flops(kind, dtype)
+    log(f"model: {cfg.method}, {model.num_params():,} parameters ({model.num_params(True):,} in blocks), "
+        f"K={cfg.n_thoughts}, {cfg.n_layer}x{cfg.n_embd}, block {cfg.block_size}, {flops_tok / 1e6:.1f} MFLOP per "
+        f"training token, {model.flops_per_token(training=False) / 1e6:.1f} MFLOP per decoded token")
     log(f"data: {meta['folder']} ({meta['train_tokens']:,} train tokens, {meta['tokenizer']}); {cfg.batch_tokens:,} "
         f"tokens per step = {cfg.micro_batch} seqs x {cfg.block_size} x {world} ranks x {accum} accumulation")
     log(f"system: {device}, {dtype}, compile {'on' if compile else 'off'}"
-        + (f"; resuming {ckpt_path} at step {step}" if ckpt else ""))
-
-    def record(entry):
-        with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-
+        + (f"; resuming {run.ckpt} at step {step}" if ckpt else ""))
     if cfg.eval_only:
+        return evaluate_and_save()
+    if master and ckpt:
+        run.rewind(step)                          # drop log entries of steps the checkpoint does not have
+    if step == 0:
         val = run_eval()
-        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if master:
-            record({"step": step, "eval_only": True, **val})
-        return val
+            run.record({"step": 0, **val})
+        log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
 
-    def checkpoint(val):
-        save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                        model_config=asdict(mconf), train_config=asdict(cfg), step=step,
-                                        method=cfg.method,
-                                        tokenizer=meta["tokenizer"], **val))
-
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        entries = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").exists() else []
-        kept = [e for e in entries if ckpt is not None and (s := logged_step(e)) is not None and s <= step]
-        (out / "log.jsonl").write_text("".join(e + "\n" for e in kept), encoding="utf-8")   # drop steps undone
-        if step == 0:
-            val = run_eval()
-            record({"step": 0, **val})
-            log(f"step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-    elif step == 0:
-        run_eval()
-
-    stop = []                          # Ctrl-C: finish the step, save, exit (single process only)
-    if not ddp:
-        def on_interrupt(sig, frame):
-            signal.signal(signal.SIGINT, signal.default_int_handler)        # a second Ctrl-C stops at once
-            stop.append(True)
-        previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-
+    stop = StopRequest(ddp)
     train_path = meta["folder"] / "train.bin"
-    t_start, t_last, step_start, step_last, losses = time.time(), time.time(), step, step, []
+    t_start, t_last, step_start, step_last, losses, stopping = time.time(), time.time(), step, step, [], False
     try:
-        while step < cfg.max_iters and not stop:
+        while step < cfg.max_iters and not stopping:
             lr = lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -478,6 +552,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(loss_sum)
+            stopping = stop()
 
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 mean = torch.stack(losses).mean()
@@ -486,8 +561,7 @@ def main(argv=None):
                     mean /= world
                 loss_value, losses = mean.item(), []                            # .item() waits for the device
                 if not math.isfinite(loss_value):
-                    raise Fail(f"loss is {loss_value} at step {step}: training diverged; the last good checkpoint "
-                               f"stays in {ckpt_path} (try a lower --lr)")
+                    diverged(f"loss is {loss_value} at step {step}")
                 now = time.time()
                 tok_s = (step - step_last) * cfg.batch_tokens / (now - t_last)
                 eta = (now - t_start) / (step - step_start) * (cfg.max_iters - step)
@@ -495,24 +569,18 @@ def main(argv=None):
                 log(f"step {step}/{cfg.max_iters} ({step / cfg.max_iters:.0%}) | loss {loss_value:.4f} | lr {lr:.2e} | "
                     f"{tok_s:,.0f} tok/s | {mfu} | ETA {fmt_time(eta)}")
                 if master:
-                    record({"step": step, "loss": loss_value, "lr": lr, "tok_per_s": tok_s, "time": now - t_start})
+                    run.record({"step": step, "loss": loss_value, "lr": lr, "tok_per_s": tok_s, "time": now - t_start})
                 t_last, step_last = now, step
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters or stop:
-                val = run_eval()
-                log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + f"; saved {ckpt_path}")
-                if master:
-                    record({"step": step, **val})
-                    checkpoint(val)
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters or stopping:
+                evaluate_and_save()
                 t_last, step_last = time.time(), step   # tokens/s counts training time only
     finally:
-        if not ddp:
-            signal.signal(signal.SIGINT, previous_handler)
-    if stop:
-        log(f"interrupted at step {step}; run the same command again to continue")
+        stop.close()
+    if stopping:
+        log(f"stopped at step {step}; run the same command again to continue")
     elif step_start >= cfg.max_iters:
-        log(f"{ckpt_path} has already trained for max_iters={cfg.max_iters}; pass a larger --max_iters to go on")
-    if ddp:
-        dist.destroy_process_group()
+        log(f"{run.ckpt} has already trained for max_iters={cfg.max_iters}; a larger --max_iters goes on at the "
+            f"final learning rate (the cosine ends at lr_decay_iters={cfg.lr_decay_iters}; set it to stretch it)")
 
 
 if __name__ == "__main__":
@@ -521,3 +589,8 @@ if __name__ == "__main__":
     except Fail as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        rank = os.environ.get("RANK")
+        print(f"interrupted{f' (rank {rank})' if rank else ''}: stopped without saving; the last checkpoint in "
+              "out_dir is kept", file=sys.stderr)
+        sys.exit(130)

@@ -5,6 +5,7 @@ Prepare a dataset for train.py: data/<name>/train.bin and val.bin (token ids, ui
     python data/prepare.py text PATH [--name=N] [--tokenizer=bytes|gpt2]    # a text file or a folder of them
     python data/prepare.py tinystories                     # TinyStories, ~2 GB download, GPT-2 BPE
 
+An existing dataset is never overwritten unless --force is given.
 The standard library is a real corpus (about 12 MB of Python on 3.11) that every machine running this project
 already has, so the default run needs no network. It is tokenized at the byte level (vocab 256). meta.json is
 written last: a folder without it is an unfinished preparation, and train.py treats it as missing.
@@ -88,13 +89,31 @@ def write_meta(out, tokenizer, n_train, n_val, source):
     return meta
 
 
-def prepare_documents(out, docs, tokenizer, source):
-    """Tokenize documents (bytes) into out/. With 20 or more, every 20th goes to val; else the last 10% of tokens."""
+def claim(out, force):
+    """Make the folder for a new dataset; an existing one (meta.json present) only with force. meta.json goes
+    first, so that a preparation cut short leaves a folder train.py treats as missing."""
     out = Path(out)
+    if (out / "meta.json").exists() and not force:
+        raise ValueError(f"{out} already holds a dataset; choose another --name, or pass --force to replace it")
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
+    return out
+
+
+def dataset_name(name):
+    """A dataset name is one folder inside data/: no separators, no '..', nothing hidden."""
+    if not name or name != Path(name).name or name.startswith(".") or "\\" in name:
+        raise ValueError(f"--name={name!r}: use a plain folder name, created inside {DATA_DIR}")
+    return DATA_DIR / name
+
+
+def prepare_documents(out, docs, tokenizer, source, force=True):
+    """Tokenize documents (bytes) into out/. With 20 or more, every 20th goes to val; else the last 10% of tokens."""
+    out = claim(out, force)
     sep = [tokenizer.eot] if tokenizer.eot is not None else []
     ids = [tokenizer.encode(d) + sep for d in tqdm(docs, desc=f"tokenizing {out.name}", unit="doc", leave=False)]
+    if sum(len(x) for x in ids) - len(sep) * len(ids) < 2:
+        raise ValueError(f"{source} holds no text to train on")
     if len(ids) >= 20:
         train, val = [x for i, x in enumerate(ids) if i % 20 != 19], [x for i, x in enumerate(ids) if i % 20 == 19]
     else:
@@ -118,13 +137,14 @@ def stdlib_files():
     return root, files
 
 
-def prepare_stdlib(out=DATA_DIR / "stdlib"):
+def prepare_stdlib(out=DATA_DIR / "stdlib", force=False):
     root, files = stdlib_files()
+    claim(out, force)
     docs = [f"# ==== {f.relative_to(root)} ====\n".encode() + f.read_bytes() for f in files]
     return prepare_documents(out, docs, ByteTokenizer(), f"{len(files)} .py files of {root}")
 
 
-def prepare_text(path, out=None, tokenizer="bytes"):
+def prepare_text(path, out=None, tokenizer="bytes", force=False):
     """A text file, or every file in a folder (sorted, hidden ones skipped), into out (default data/<its name>)."""
     path = Path(path)
     if not path.exists():
@@ -133,8 +153,10 @@ def prepare_text(path, out=None, tokenizer="bytes"):
         p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
     if not files:
         raise FileNotFoundError(f"{path} holds no files")
-    return prepare_documents(out or DATA_DIR / path.resolve().stem, [f.read_bytes() for f in files],
-                             get_tokenizer(tokenizer), str(path.resolve()))
+    if not any(f.stat().st_size for f in files):
+        raise ValueError(f"{path} is empty: nothing to train on")
+    out = claim(out or dataset_name(path.resolve().stem), force)
+    return prepare_documents(out, [f.read_bytes() for f in files], get_tokenizer(tokenizer), str(path.resolve()))
 
 
 def download(url, dest):
@@ -190,10 +212,9 @@ def tokenize_file(src, dst, chunk_bytes=4 << 20):
         return write_tokens(dst, pool.imap(_encode_stories, chunks()))
 
 
-def prepare_tinystories(out=DATA_DIR / "tinystories"):
+def prepare_tinystories(out=DATA_DIR / "tinystories", force=False):
+    claim(out, force)
     tok = GPT2Tokenizer()                   # fails early and clearly when its vocabulary cannot be fetched
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
     n = {}
     for split, file in [("val", "valid"), ("train", "train")]:
         raw = out / f"{file}.txt"
@@ -211,16 +232,22 @@ def main(argv=None):
     t.add_argument("--name", help="dataset name under data/ (default: the file or folder name)")
     t.add_argument("--tokenizer", choices=["bytes", "gpt2"], default="bytes")
     sub.add_parser("tinystories", help="TinyStories V2 (downloads ~2 GB), GPT-2 BPE")
+    for parser in sub.choices.values():
+        parser.add_argument("--force", action="store_true", help="replace the dataset if it exists")
     args = p.parse_args(argv)
     try:
         if args.dataset == "stdlib":
-            prepare_stdlib()
+            prepare_stdlib(force=args.force)
         elif args.dataset == "text":
-            prepare_text(args.path, args.name and DATA_DIR / args.name, args.tokenizer)
+            prepare_text(args.path, args.name and dataset_name(args.name), args.tokenizer, args.force)
         else:
-            prepare_tinystories()
+            prepare_tinystories(force=args.force)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.strerror or e} ({e.filename or ''}); nothing was replaced")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the dataset was not finished (its meta.json is missing); run the command again")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""
+What train.py and sample.py share: command-line options from a dataclass, the device, and reading checkpoints.
+"""
+
+import argparse
+import difflib
+import math
+import os
+import sys
+from dataclasses import field, fields
+
+import torch
+
+from baselines import build
+from ponder import PonderConfig
+
+
+class Fail(Exception):
+    """An error the user can fix: printed as one line, no traceback."""
+
+
+def opt(default, help, gpu=None):
+    """An option: its default, a one-line help, and optionally another default on CUDA."""
+    return field(default=default, metadata=dict(help=help, gpu=gpu))
+
+
+# Options of nanoGPT and similar trainers that have another name here (or no exact equivalent).
+ALIASES = {"learning_rate": "lr", "min_lr": "min_lr_ratio (a fraction of --lr)", "batch_size": "micro_batch",
+           "gradient_accumulation_steps": "batch_tokens (accumulation is derived from it)",
+           "eval_iters": "eval_windows", "eval_batches": "eval_windows", "n_heads": "n_head", "n_layers": "n_layer",
+           "d_model": "n_embd", "n_embed": "n_embd", "seq_len": "block_size", "context_length": "block_size",
+           "decay_lr": "min_lr_ratio (1 keeps the rate constant)", "max_tokens": "max_new_tokens",
+           "prompt": "start", "wandb_log": None, "dropout": None, "bias": None}
+
+
+def parse_value(kind, text):
+    s = text.strip().lower()
+    if kind is bool:
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError
+    if kind is int:
+        try:
+            return int(s)                    # accepts 10_000 too
+        except ValueError:
+            v = float(s)                     # accepts 1e4
+            if not math.isfinite(v) or v != int(v):
+                raise ValueError from None
+            return int(v)
+    if kind is float:
+        v = float(s)
+        if not math.isfinite(v):             # nan and inf are never a sensible setting
+            raise ValueError
+        return v
+    return text
+
+
+def parse_options(config_class, argv=None, description=""):
+    """Command-line options from a dataclass of opt() fields: --name=value or --name value, typed like the field.
+    Returns the config and the names of the options given. Unknown or ill-typed options exit with one line."""
+    script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train.py"
+    p = argparse.ArgumentParser(usage=f"python {script} [--option=value ...]   (--help lists them)",
+                                description=description + " Options take --name=value or --name value.",
+                                allow_abbrev=False)
+    names = [f.name for f in fields(config_class)]
+    for f in fields(config_class):
+        def convert(text, kind=f.type):
+            try:
+                return parse_value(kind, text)
+            except ValueError:
+                what = "a finite number" if kind is float else kind.__name__
+                raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+        gpu = f.metadata.get("gpu")
+        shown = repr(f.default) if isinstance(f.default, str) else f.default
+        help = f.metadata["help"] + (f" (on CUDA: {gpu})" if gpu is not None else "") + f" [default: {shown}]"
+        flag = dict(nargs="?", const=True) if f.type is bool else {}     # a bare --flag means true
+        p.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
+                       help=help.replace("%", "%%"), **flag)
+    args, unknown = p.parse_known_args(argv)
+    for u in unknown:
+        name = u.split("=")[0].lstrip("-")
+        if name in ALIASES:
+            hint = ALIASES[name] if ALIASES[name] and ALIASES[name].split()[0] in names else None
+            p.error(f"unknown option --{name}" + (f"; did you mean --{hint}?" if hint else " (no such setting here)"))
+        close = difflib.get_close_matches(name, names, n=1)
+        p.error(f"unknown option {u.split('=')[0]!r}" + (f"; did you mean --{close[0]}?" if close else ""))
+    given = vars(args)
+    return config_class(**given), set(given)
+
+
+def pick_device(device, dtype):
+    """Resolve --device and --dtype ('auto' or explicit) to (device, its kind, dtype name), with clear errors.
+    bf16 only where the GPU computes it natively (Ampere and newer); older GPUs emulate it slowly."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise Fail(f"--device={device}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+        raise Fail(f"--device={device} but this machine has no {kind.upper()} device; use --device=cpu")
+    if dtype == "auto":
+        native = kind == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = "bfloat16" if native else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise Fail(f"--dtype={dtype}: use auto, bfloat16 or float32")
+    return device, kind, dtype
+
+
+CKPT_KEYS = {"model": dict, "model_config": dict, "train_config": dict, "step": int}
+
+
+def load_checkpoint(path):
+    """A checkpoint written by train.py, read safely (tensors and plain values only), or a one-line Fail."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise Fail(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or use another --out_dir")
+    bad = [k for k, kind in CKPT_KEYS.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), kind)]
+    if bad:
+        raise Fail(f"{path} is not a checkpoint of train.py (no valid {bad[0]!r}); delete it or use another --out_dir")
+    return ckpt
+
+
+def model_from(ckpt, path, config=None):
+    """The model a checkpoint describes (or `config`), with its weights; a one-line Fail when they do not match."""
+    try:
+        model = build(ckpt.get("method", "ponderlm2"), config or PonderConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise Fail(f"{path} does not match the model it describes ({str(e).splitlines()[0][:200]})") from None
+    return model
