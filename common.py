@@ -1,13 +1,17 @@
 """
-What train.py and sample.py share: command-line options from a dataclass, the device, and reading checkpoints.
+What train.py and sample.py share: command-line options from a dataclass, the device, checkpoints, run folders.
 """
 
 import argparse
 import difflib
+import json
 import math
 import os
 import sys
+import tempfile
+import time
 from dataclasses import field, fields
+from pathlib import Path
 
 import torch
 
@@ -132,3 +136,115 @@ def model_from(ckpt, path, config=None):
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise Fail(f"{path} does not match the model it describes ({str(e).splitlines()[0][:200]})") from None
     return model
+
+
+# ---- the run folder: one run at a time, a log that survives crashes, checkpoints never half-written ------------
+
+def save_checkpoint(path, state):
+    """Write to a temporary file of this process, flush it to disk, then rename: a crash or a full disk leaves the
+    previous checkpoint intact."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):       # make the rename itself durable (POSIX)
+            dir_fd = os.open(Path(path).parent, os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+class RunDir:
+    """out_dir, as rank 0 sees it: ckpt.pt, log.jsonl, and a lock held for the whole run, so that a second run
+    aimed at the same folder stops at once. The OS drops the lock when a process dies, even by kill -9."""
+
+    def __init__(self, path):
+        self.path, self.lock = Path(path), None
+        self.ckpt, self.log = self.path / "ckpt.pt", self.path / "log.jsonl"
+
+    def claim(self):
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.path / "lock", "a+", encoding="utf-8")
+        except OSError as e:
+            raise Fail(f"cannot use --out_dir={self.path}: {e.strerror or e}; choose a writable folder") from None
+        try:
+            lock_file(self.lock)
+        except OSError:
+            self.lock.seek(0)
+            owner = self.lock.read().strip() or "unknown"
+            self.release()
+            raise Fail(f"{self.path} is in use by another run (pid {owner}); wait for it to end, stop it, or choose "
+                       "another --out_dir") from None
+        self.lock.seek(0)
+        self.lock.truncate()
+        self.lock.write(str(os.getpid()))
+        self.lock.flush()
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.close()                     # closing the file drops the lock
+            self.lock = None
+
+    def set_aside(self):
+        """Starting over where a run exists: keep the old one in previous-<time>/, never delete it."""
+        old = self.path / time.strftime("previous-%Y%m%d-%H%M%S")
+        old.mkdir()
+        for path in (self.ckpt, self.log):
+            if path.exists():
+                os.replace(path, old / path.name)
+        return old
+
+    def entries(self):
+        """The log's entries; lines cut short by a crash, not UTF-8 or not JSON objects with a step are skipped."""
+        out = []
+        for raw in self.log.read_bytes().splitlines() if self.log.exists() else []:
+            try:
+                entry = json.loads(raw.decode("utf-8"))
+            except ValueError:                    # UnicodeDecodeError is a ValueError
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+                out.append(entry)
+        return out
+
+    def rewind(self, step):
+        """Keep the log's entries up to `step` (a resumed run redoes what came after its checkpoint)."""
+        kept = [e for e in self.entries() if e["step"] <= step]
+        self.write(lambda f: f.writelines(json.dumps(e) + "\n" for e in kept), "w")
+
+    def record(self, entry):
+        self.write(lambda f: f.write(json.dumps(entry) + "\n"), "a")
+
+    def write(self, fn, mode):
+        try:
+            with open(self.log, mode, encoding="utf-8") as f:
+                fn(f)
+        except OSError as e:
+            raise Fail(f"cannot write {self.log}: {e.strerror or e}; free some space and run the same command "
+                       "again") from None
+
+    def save(self, state):
+        try:
+            save_checkpoint(self.ckpt, state)
+        except OSError as e:
+            kept = f"{self.ckpt} still holds step {self.saved_step()}" if self.ckpt.exists() else "nothing was saved"
+            raise Fail(f"cannot save {self.ckpt}: {e.strerror or e}; {kept}. Free some space and run the same "
+                       "command again") from None
+
+    def saved_step(self):
+        return load_checkpoint(self.ckpt)["step"]
+
+
+def lock_file(f):
+    if os.name == "nt":
+        import msvcrt
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -730,14 +730,14 @@ def test_peak_flops_table(monkeypatch):
 # ---- nothing lost, nothing mixed ------------------------------------------------------------------------------
 
 def test_a_second_run_in_the_same_folder_is_refused(dataset, tmp_path):
-    holder = train.RunDir(tmp_path)
+    holder = common.RunDir(tmp_path)
     holder.claim()
     with pytest.raises(train.Fail, match=f"in use by another run \\(pid {os.getpid()}\\)"):
         train_run(dataset, tmp_path, "--max_iters=1")
     holder.release()
     train_run(dataset, tmp_path, "--max_iters=1")
     # a run killed by kill -9 leaves no stale lock behind
-    p = subprocess.Popen([sys.executable, "-c", "import sys, time, train; r = train.RunDir(sys.argv[1]); r.claim(); "
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time, common; r = common.RunDir(sys.argv[1]); r.claim(); "
                           "print('held', flush=True); time.sleep(60)", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                          text=True)
     assert p.stdout.readline() == "held\n"
@@ -753,7 +753,7 @@ def test_concurrent_saves_never_collide(tmp_path):
     def save(value):
         try:
             for _ in range(10):
-                train.save_checkpoint(tmp_path / "ckpt.pt", {"w": torch.full((1000,), value)})
+                common.save_checkpoint(tmp_path / "ckpt.pt", {"w": torch.full((1000,), value)})
         except Exception as e:
             errors.append(e)
 
@@ -904,7 +904,7 @@ def test_compiled_bf16_training_matches_eager(dataset, tmp_path, monkeypatch):
 
 def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    common.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -912,7 +912,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        common.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert torch.load(path, weights_only=True)["step"] == 1
     assert list(tmp_path.iterdir()) == [path]
 

@@ -18,7 +18,6 @@ import os
 import platform
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -30,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from baselines import METHODS, build
-from common import Fail, load_checkpoint, model_from, opt, parse_options, pick_device
+from common import Fail, RunDir, load_checkpoint, model_from, opt, parse_options, pick_device
 from ponder import EMB_SCALES, PonderConfig
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -227,118 +226,6 @@ def evaluate(model, meta, cfg, device, autocast, rank, world, jacobi=None):
     return total.item() / len(offsets)
 
 
-# ---- the run folder: one run at a time, a log that survives crashes, checkpoints never half-written ------------
-
-def save_checkpoint(path, state):
-    """Write to a temporary file of this process, flush it to disk, then rename: a crash or a full disk leaves the
-    previous checkpoint intact."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if hasattr(os, "O_DIRECTORY"):       # make the rename itself durable (POSIX)
-            dir_fd = os.open(Path(path).parent, os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-class RunDir:
-    """out_dir, as rank 0 sees it: ckpt.pt, log.jsonl, and a lock held for the whole run, so that a second run
-    aimed at the same folder stops at once. The OS drops the lock when a process dies, even by kill -9."""
-
-    def __init__(self, path):
-        self.path, self.lock = Path(path), None
-        self.ckpt, self.log = self.path / "ckpt.pt", self.path / "log.jsonl"
-
-    def claim(self):
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.lock = open(self.path / "lock", "a+", encoding="utf-8")
-        except OSError as e:
-            raise Fail(f"cannot use --out_dir={self.path}: {e.strerror or e}; choose a writable folder") from None
-        try:
-            lock_file(self.lock)
-        except OSError:
-            self.lock.seek(0)
-            owner = self.lock.read().strip() or "unknown"
-            self.release()
-            raise Fail(f"{self.path} is in use by another run (pid {owner}); wait for it to end, stop it, or choose "
-                       "another --out_dir") from None
-        self.lock.seek(0)
-        self.lock.truncate()
-        self.lock.write(str(os.getpid()))
-        self.lock.flush()
-
-    def release(self):
-        if self.lock is not None:
-            self.lock.close()                     # closing the file drops the lock
-            self.lock = None
-
-    def set_aside(self):
-        """Starting over where a run exists: keep the old one in previous-<time>/, never delete it."""
-        old = self.path / time.strftime("previous-%Y%m%d-%H%M%S")
-        old.mkdir()
-        for path in (self.ckpt, self.log):
-            if path.exists():
-                os.replace(path, old / path.name)
-        return old
-
-    def entries(self):
-        """The log's entries; lines cut short by a crash, not UTF-8 or not JSON objects with a step are skipped."""
-        out = []
-        for raw in self.log.read_bytes().splitlines() if self.log.exists() else []:
-            try:
-                entry = json.loads(raw.decode("utf-8"))
-            except ValueError:                    # UnicodeDecodeError is a ValueError
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("step"), int):
-                out.append(entry)
-        return out
-
-    def rewind(self, step):
-        """Keep the log's entries up to `step` (a resumed run redoes what came after its checkpoint)."""
-        kept = [e for e in self.entries() if e["step"] <= step]
-        self.write(lambda f: f.writelines(json.dumps(e) + "\n" for e in kept), "w")
-
-    def record(self, entry):
-        self.write(lambda f: f.write(json.dumps(entry) + "\n"), "a")
-
-    def write(self, fn, mode):
-        try:
-            with open(self.log, mode, encoding="utf-8") as f:
-                fn(f)
-        except OSError as e:
-            raise Fail(f"cannot write {self.log}: {e.strerror or e}; free some space and run the same command "
-                       "again") from None
-
-    def save(self, state):
-        try:
-            save_checkpoint(self.ckpt, state)
-        except OSError as e:
-            kept = f"{self.ckpt} still holds step {self.saved_step()}" if self.ckpt.exists() else "nothing was saved"
-            raise Fail(f"cannot save {self.ckpt}: {e.strerror or e}; {kept}. Free some space and run the same "
-                       "command again") from None
-
-    def saved_step(self):
-        return load_checkpoint(self.ckpt)["step"]
-
-
-def lock_file(f):
-    if os.name == "nt":
-        import msvcrt
-        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-    else:
-        import fcntl
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
 # ---- stopping cleanly -------------------------------------------------------------------------------------------
 
 class StopRequest:
@@ -370,6 +257,27 @@ class StopRequest:
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
+
+def train_step(train_model, model, optimizer, lr, batches, J, grad_clip, autocast):
+    """One optimizer step over this rank's micro-batches, all with the same J. Under DDP the gradients are
+    synchronised (averaged over ranks) on the last micro-step only. Returns the mean loss as a device tensor."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    ddp = isinstance(train_model, DDP)
+    loss_sum = 0
+    for i, (x, y) in enumerate(batches):
+        if ddp:
+            train_model.require_backward_grad_sync = i == len(batches) - 1
+        with autocast:
+            _, loss = train_model(x, y, jacobi=J)
+        (loss / len(batches)).backward()          # the mean over micro-steps, as one big batch would give
+        loss_sum = loss_sum + loss.detach() / len(batches)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
 
 def resume_config(cfg, given, run):
     """The checkpoint to continue, if any, and the config: the checkpoint's settings, except the options given
@@ -527,29 +435,17 @@ def train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world
             run.record({"step": 0, **val})
         log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
 
+    def batches(step):                            # this rank's micro-batches of a step
+        return [get_batch(meta["folder"] / "train.bin", train_offsets(meta["train_tokens"], cfg, step, rank * accum + m),
+                          cfg.block_size, device) for m in range(accum)]
+
     stop = StopRequest(ddp)
-    train_path = meta["folder"] / "train.bin"
     t_start, t_last, step_start, step_last, losses, stopping = time.time(), time.time(), step, step, [], False
     try:
         while step < cfg.max_iters and not stopping:
             lr = lr_at(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            J = jacobi_for(cfg, step)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = get_batch(train_path, train_offsets(meta["train_tokens"], cfg, step, rank * accum + micro),
-                                 cfg.block_size, device)
-                if ddp:
-                    train_model.require_backward_grad_sync = micro == accum - 1   # sync gradients on the last only
-                with autocast:
-                    _, loss = train_model(x, y, jacobi=J)
-                (loss / accum).backward()
-                loss_sum += loss.detach() / accum
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum = train_step(train_model, model, optimizer, lr, batches(step), jacobi_for(cfg, step),
+                                  cfg.grad_clip, autocast)
             step += 1
             losses.append(loss_sum)
             stopping = stop()
