@@ -4,11 +4,12 @@ What train.py and sample.py share: command-line options from a dataclass, the de
 
 import argparse
 import difflib
+import errno
 import json
 import math
 import os
 import sys
-import tempfile
+import secrets
 import time
 from dataclasses import field, fields
 from pathlib import Path
@@ -143,9 +144,9 @@ def model_from(ckpt, path, config=None):
 def save_checkpoint(path, state):
     """Write to a temporary file of this process, flush it to disk, then rename: a crash or a full disk leaves the
     previous checkpoint intact."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".", suffix=".tmp")
+    tmp = Path(f"{path}.{os.getpid()}-{secrets.token_hex(4)}.tmp")       # this process's own, with the umask's mode
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -165,32 +166,41 @@ class RunDir:
     aimed at the same folder stops at once. The OS drops the lock when a process dies, even by kill -9."""
 
     def __init__(self, path):
-        self.path, self.lock = Path(path), None
+        self.path, self.lock, self.made = Path(path), None, False
         self.ckpt, self.log = self.path / "ckpt.pt", self.path / "log.jsonl"
 
     def claim(self):
         try:
+            self.made = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.path / "lock", "a+", encoding="utf-8")
         except OSError as e:
             raise Fail(f"cannot use --out_dir={self.path}: {e.strerror or e}; choose a writable folder") from None
         try:
             lock_file(self.lock)
-        except OSError:
-            self.lock.seek(0)
-            owner = self.lock.read().strip() or "unknown"
-            self.release()
-            raise Fail(f"{self.path} is in use by another run (pid {owner}); wait for it to end, stop it, or choose "
-                       "another --out_dir") from None
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):   # no locks here (some network disks)
+                print(f"warning: cannot lock {self.path} ({e.strerror}): make sure no other run uses it")
+            else:
+                self.lock.seek(0)
+                owner = self.lock.read().strip() or "unknown"
+                self.lock.close()
+                self.lock = None
+                raise Fail(f"{self.path} is in use by another run (pid {owner}); wait for it to end, stop it, or "
+                           "choose another --out_dir") from None
         self.lock.seek(0)
         self.lock.truncate()
         self.lock.write(str(os.getpid()))
         self.lock.flush()
 
     def release(self):
+        """Drop the lock (closing the file does it). A folder this run made and left empty is removed again."""
         if self.lock is not None:
-            self.lock.close()                     # closing the file drops the lock
+            self.lock.close()
             self.lock = None
+            if self.made and [p.name for p in self.path.iterdir()] == ["lock"]:
+                (self.path / "lock").unlink()
+                self.path.rmdir()
 
     def set_aside(self):
         """Starting over where a run exists: keep the old one in previous-<time>/, never delete it."""
@@ -214,28 +224,37 @@ class RunDir:
         return out
 
     def rewind(self, step):
-        """Keep the log's entries up to `step` (a resumed run redoes what came after its checkpoint)."""
-        kept = [e for e in self.entries() if e["step"] <= step]
-        self.write(lambda f: f.writelines(json.dumps(e) + "\n" for e in kept), "w")
+        """Keep the log's entries up to `step` (a resumed run redoes what came after its checkpoint), and drop
+        damaged lines. The new log is written beside the old one and renamed over it: never half a log."""
+        kept = [json.dumps(e) + "\n" for e in self.entries() if e["step"] <= step]
+        if self.log.exists() and "".join(kept).encode() == self.log.read_bytes():
+            return
+        tmp = self.log.with_name(f"log.jsonl.{os.getpid()}.tmp")
+        try:
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.log)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise self.cannot_write(e) from None
 
     def record(self, entry):
-        self.write(lambda f: f.write(json.dumps(entry) + "\n"), "a")
-
-    def write(self, fn, mode):
         try:
-            with open(self.log, mode, encoding="utf-8") as f:
-                fn(f)
+            with open(self.log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
         except OSError as e:
-            raise Fail(f"cannot write {self.log}: {e.strerror or e}; free some space and run the same command "
-                       "again") from None
+            raise self.cannot_write(e) from None
+
+    def cannot_write(self, e):
+        return Fail(f"cannot write {self.log}: {e.strerror or e}; free some space and run the same command again")
 
     def save(self, state):
         try:
             save_checkpoint(self.ckpt, state)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:      # torch.save reports a failed write as a RuntimeError
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
             kept = f"{self.ckpt} still holds step {self.saved_step()}" if self.ckpt.exists() else "nothing was saved"
-            raise Fail(f"cannot save {self.ckpt}: {e.strerror or e}; {kept}. Free some space and run the same "
-                       "command again") from None
+            raise Fail(f"cannot save {self.ckpt} ({why}); {kept}. Is the disk full? Free some space and run the "
+                       "same command again") from None
 
     def saved_step(self):
         return load_checkpoint(self.ckpt)["step"]

@@ -47,7 +47,7 @@ class PonderConfig:
     jacobi_max: int = 3
     jacobi_eval: int = 3      # J in eval mode, as in the paper's evaluation
     grad_passes: int = 0      # backpropagate through only the last n passes (the final one counts); 0: all of them
-    emb_scale: str = "auto"   # token-embedding multiplier: auto (the method's own when K > 0, else 1), 1, sqrt_d, sqrt_2.5d
+    emb_scale: str = "auto"   # token-embedding multiplier, a name in EMB_SCALES, or auto (see embedding_scale)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 

@@ -122,7 +122,8 @@ def ref_layers(model, x, pos):
     d, nh = c.n_embd, c.n_head
     hs, S = d // nh, x.size(1)
     freqs = c.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
-    turn = torch.polar(torch.ones(S, hs // 2, dtype=torch.float64), torch.tensor(pos, dtype=torch.float64)[:, None] * freqs)
+    angles = torch.tensor(pos, dtype=torch.float64)[:, None] * freqs
+    turn = torch.polar(torch.ones(S, hs // 2, dtype=torch.float64), angles)
     turn = torch.complex(turn.real.float().double(), turn.imag.float().double())   # the model keeps float32 tables
 
     def rope(t):                            # t: (B, S, nh, hs); rotate (t[i], t[i + hs/2]) as one complex number
@@ -347,6 +348,17 @@ def test_grad_passes_1_is_the_final_pass_on_constant_exact_thoughts(K):
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-10)            # the loss is the exact loss
     for name, g in grads(model, loss).items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 0])
+def test_grad_passes_is_the_number_of_passes_with_gradients(monkeypatch, n):
+    model = tiny(1, grad_passes=n).train()
+    modes = []
+    run_slots = model.run_slots
+    monkeypatch.setattr(model, "run_slots", lambda x: modes.append(torch.is_grad_enabled()) or run_slots(x))
+    model(tokens(), tokens(), jacobi=3)
+    assert len(modes) == 1 + 3 + 1
+    assert modes == [False] * (5 - n) + [True] * n if n else modes == [True] * 5, modes
 
 
 def test_grad_passes_2_differs_from_1_and_all():
@@ -746,6 +758,12 @@ def test_a_second_run_in_the_same_folder_is_refused(dataset, tmp_path):
     train_run(dataset, tmp_path, "--max_iters=2")
 
 
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_concurrent_saves_never_collide(tmp_path):
     import threading
     errors = []
@@ -761,6 +779,7 @@ def test_concurrent_saves_never_collide(tmp_path):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["w"].unique().numel() == 1
 
 
@@ -786,22 +805,28 @@ def test_sigterm_stops_after_the_step_and_saves(dataset, tmp_path):
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"] == step
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-one-rank"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-one-rank", "sigterm-to-the-whole-job"])
 def test_a_signal_under_torchrun_stops_every_rank_at_one_step(dataset, tmp_path, how):
     """Ctrl-C in a terminal reaches torchrun's process group; torchrun passes it on to each worker. A scheduler may
-    signal a single worker: the other must stop at the same step."""
+    signal a single worker: the other must stop at the same step. Or it signals every process of the job: each
+    worker then gets SIGTERM twice (directly, then through torchrun), which is one request, not two. The final
+    evaluation is made long, so that the second copy arrives while there is still work to do."""
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py", f"--dataset={dataset}", f"--out_dir={tmp_path}", *TINY, "--max_iters=100000",
-                          "--eval_interval=100000"], cwd=REPO, stdout=subprocess.PIPE,
+                          "--eval_interval=100000", "--eval_windows=4000"], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for(p, "step 3/")
+    workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert len(workers) == 2, workers
     if how == "ctrl-c":
         os.killpg(p.pid, signal.SIGINT)
+    elif how == "sigterm-to-one-rank":
+        os.kill(workers[-1], signal.SIGTERM)
     else:
-        workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-        assert len(workers) == 2, workers
-        os.kill(int(workers[-1]), signal.SIGTERM)
+        for pid in [*workers, p.pid]:
+            os.kill(pid, signal.SIGTERM)
     out, err = p.communicate(timeout=180)
     step = int(out.split("stopped at step ")[1].split(";")[0])
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
@@ -817,7 +842,7 @@ def test_disk_full_at_a_save_keeps_the_last_checkpoint(dataset, tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", full)
     capsys.readouterr()
-    with pytest.raises(train.Fail, match="No space left on device; .*ckpt.pt still holds step 2"):
+    with pytest.raises(train.Fail, match="No space left on device.*ckpt.pt still holds step 2"):
         train_run(dataset, tmp_path, "--max_iters=4", "--eval_interval=2")
     assert "saved" not in capsys.readouterr().out
     monkeypatch.undo()
@@ -825,8 +850,55 @@ def test_disk_full_at_a_save_keeps_the_last_checkpoint(dataset, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "lock", "log.jsonl"]
 
 
-@pytest.mark.parametrize("argv", [["--beta1=2"], ["--beta2=nan"], ["--beta2=1"], ["--seed=-1"], ["--grad_clip=nan"], ["--lr=inf"],
-                                  ["--weight_decay=nan"], ["--rope_theta=0"], ["--norm_eps=-1"], ["--min_lr_ratio=2"],
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_a_real_write_failure_at_a_save_keeps_the_last_checkpoint(dataset, tmp_path, fraction):
+    """The disk fills up for real (a file-size limit makes writes fail as a full disk does): one line, and the
+    previous checkpoint and the log survive. Where the write fails decides what torch.save raises (a RuntimeError
+    inside it, an OSError at the flush), hence two limits."""
+    import resource
+    train_run(dataset, tmp_path, "--max_iters=2", "--eval_interval=2")
+    size = int((tmp_path / "ckpt.pt").stat().st_size * fraction)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))    # noqa: E731
+    result = subprocess.run([sys.executable, "train.py", f"--dataset={dataset}", f"--out_dir={tmp_path}", *TINY,
+                             "--max_iters=4", "--eval_interval=2"], cwd=REPO, capture_output=True, text=True,
+                            preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "ckpt.pt still holds step 2" in result.stderr and "saved" not in result.stdout.split("step 0")[-1]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "lock", "log.jsonl"]
+
+
+def test_a_failed_log_rewrite_keeps_the_log(dataset, tmp_path, monkeypatch):
+    train_run(dataset, tmp_path, "--max_iters=2", "--eval_interval=2")
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.0}\n')            # a step the checkpoint does not have: rewind drops it
+    before = (tmp_path / "log.jsonl").read_bytes()
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.os, "replace", full)
+    with pytest.raises(train.Fail, match="cannot write .*log.jsonl: No space left on device"):
+        train_run(dataset, tmp_path, "--max_iters=3")
+    assert (tmp_path / "log.jsonl").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "lock", "log.jsonl"]
+
+
+def test_a_folder_without_locks_warns_and_a_failed_start_leaves_nothing(dataset, tmp_path, monkeypatch, capsys):
+    def no_locks(f):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(common, "lock_file", no_locks)
+    train_run(dataset, tmp_path / "nfs", "--max_iters=1")
+    assert "warning: cannot lock" in capsys.readouterr().out and (tmp_path / "nfs" / "ckpt.pt").exists()
+    monkeypatch.undo()
+    with pytest.raises(train.Fail, match="not found"):
+        train_run(str(tmp_path / "no_data"), tmp_path / "new", "--max_iters=1")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("argv", [["--beta1=2"], ["--beta2=nan"], ["--beta2=1"], ["--seed=-1"], ["--seed=18446744073709551616"], ["--grad_clip=nan"],
+                                  ["--lr=inf"], ["--weight_decay=nan"], ["--rope_theta=0"], ["--norm_eps=-1"], ["--min_lr_ratio=2"],
                                   ["--method=pondr"], ["--emb_scale=2"], ["--method=loop", "--jacobi_min=1"],
                                   ["--learning_rate=1e-3"], ["--init_from=maybe"]])
 def test_bad_options_fail_in_one_line_before_any_work(dataset, tmp_path, capsys, argv):

@@ -96,9 +96,11 @@ def check_config(cfg, given):
     for name in positive:
         if getattr(cfg, name) < 1:
             raise Fail(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "seed"):
+    for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise Fail(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**63:
+        raise Fail(f"--seed must be within [0, 2**63), got {cfg.seed}")
     if not cfg.lr > 0 or not 0 <= cfg.min_lr_ratio <= 1:
         raise Fail(f"--lr must be > 0 and --min_lr_ratio within [0, 1], got {cfg.lr} and {cfg.min_lr_ratio}")
     for name in ("beta1", "beta2"):
@@ -155,7 +157,12 @@ def load_meta(cfg, master):
     if cfg.dataset == "stdlib" and not (folder / "meta.json").exists() and master:
         from data.prepare import prepare_stdlib
         print("preparing the default corpus (the Python standard library, byte-level) ...")
-        prepare_stdlib(folder)
+        try:
+            prepare_stdlib(folder)
+        except ValueError:                        # another run prepared it meanwhile
+            pass
+        except OSError as e:
+            raise Fail(f"cannot prepare the default corpus in {folder}: {e.strerror or e}") from None
     if dist.is_initialized():
         dist.barrier()
     if not (folder / "meta.json").exists():
@@ -209,10 +216,12 @@ def lr_at(cfg, step):
 @torch.no_grad()
 def evaluate(model, meta, cfg, device, autocast, rank, world, jacobi=None):
     """Mean loss over eval_windows fixed, evenly spaced validation windows (the same for any number of ranks or
-    micro-batch size), micro_batch windows per forward, the forwards split over ranks, then all-reduced."""
+    micro-batch size), the forwards split over ranks, then all-reduced. Each forward takes the same number of
+    windows (the largest divisor of eval_windows up to micro_batch), so a compiled model sees one shape."""
     path = meta["folder"] / "val.bin"
     offsets = np.linspace(0, meta["val_tokens"] - cfg.block_size - 1, cfg.eval_windows).astype(np.int64)
-    batches = [offsets[i:i + cfg.micro_batch] for i in range(0, len(offsets), cfg.micro_batch)]
+    size = max(b for b in range(1, cfg.micro_batch + 1) if cfg.eval_windows % b == 0)
+    batches = np.split(offsets, cfg.eval_windows // size)
     model.eval()
     total = torch.zeros((), device=device)
     for batch in batches[rank::world]:
@@ -230,24 +239,26 @@ def evaluate(model, meta, cfg, device, autocast, rank, world, jacobi=None):
 
 class StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM ask the run to stop after the current step, with an evaluation and a checkpoint;
-    a second signal stops at once. Under torchrun (which passes the signals it gets on to its workers) the ranks
-    must stop at the same step even if only one was signalled, so after every step they agree by an all-reduce of
-    one number on the CPU (a gloo group: no GPU synchronisation)."""
+    a second signal, one second or more after the first, stops at once. (A scheduler that signals every process of
+    a job reaches a torchrun worker twice, a few milliseconds apart: directly, and through torchrun, which passes on
+    what it gets. That is one request.) The ranks must stop at the same step even if only one was signalled, so
+    after every step they agree by an all-reduce of one number on the CPU (a gloo group: no GPU synchronisation)."""
 
     def __init__(self, ddp):
-        self.asked = False
+        self.asked = None                         # when the first signal came
         self.group = dist.new_group(backend="gloo") if ddp else None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, sig, frame):
-        if self.asked:
+        if self.asked is None:
+            self.asked = time.monotonic()
+        elif time.monotonic() - self.asked >= 1:
             raise KeyboardInterrupt
-        self.asked = True
 
     def __call__(self):
         if self.group is None:
-            return self.asked
-        flag = torch.tensor([float(self.asked)])
+            return self.asked is not None
+        flag = torch.tensor([float(self.asked is not None)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return flag.item() > 0
 
@@ -436,8 +447,8 @@ def train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world
         log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
 
     def batches(step):                            # this rank's micro-batches of a step
-        return [get_batch(meta["folder"] / "train.bin", train_offsets(meta["train_tokens"], cfg, step, rank * accum + m),
-                          cfg.block_size, device) for m in range(accum)]
+        offsets = [train_offsets(meta["train_tokens"], cfg, step, rank * accum + m) for m in range(accum)]
+        return [get_batch(meta["folder"] / "train.bin", o, cfg.block_size, device) for o in offsets]
 
     stop = StopRequest(ddp)
     t_start, t_last, step_start, step_last, losses, stopping = time.time(), time.time(), step, step, [], False
@@ -461,7 +472,8 @@ def train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world
                 now = time.time()
                 tok_s = (step - step_last) * cfg.batch_tokens / (now - t_last)
                 eta = (now - t_start) / (step - step_start) * (cfg.max_iters - step)
-                mfu = f"MFU {flops_tok * tok_s / (peak * world):.1%}" if peak else f"{flops_tok * tok_s / 1e9:.1f} GFLOP/s"
+                speed = flops_tok * tok_s
+                mfu = f"MFU {speed / (peak * world):.1%}" if peak else f"{speed / 1e9:.1f} GFLOP/s"
                 log(f"step {step}/{cfg.max_iters} ({step / cfg.max_iters:.0%}) | loss {loss_value:.4f} | lr {lr:.2e} | "
                     f"{tok_s:,.0f} tok/s | {mfu} | ETA {fmt_time(eta)}")
                 if master:

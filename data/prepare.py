@@ -71,13 +71,17 @@ def get_tokenizer(name):
 # ---- writing ---------------------------------------------------------------------------------------------------
 
 def write_tokens(path, chunks):
-    """Stream arrays of token ids into path (uint16), through a temporary file; returns the number written."""
-    n, tmp = 0, Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        for ids in chunks:
-            f.write(np.asarray(ids, dtype=np.uint16).tobytes())
-            n += len(ids)
-    os.replace(tmp, path)
+    """Stream arrays of token ids into path (uint16), through a temporary file of this process; returns the number
+    written."""
+    n, tmp = 0, Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for ids in chunks:
+                f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+                n += len(ids)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n
 
 
@@ -245,7 +249,8 @@ def main(argv=None):
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:
-        sys.exit(f"error: {e.strerror or e} ({e.filename or ''}); nothing was replaced")
+        sys.exit(f"error: {e.strerror or e} ({e.filename or ''}); the dataset is unfinished (no meta.json): run the "
+                 "command again once that is fixed")
     except KeyboardInterrupt:
         sys.exit("interrupted: the dataset was not finished (its meta.json is missing); run the command again")
 
