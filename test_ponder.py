@@ -805,6 +805,19 @@ def test_sigterm_stops_after_the_step_and_saves(dataset, tmp_path):
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"] == step
 
 
+def children(pid):
+    """The process ids whose parent is pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-one-rank", "sigterm-to-the-whole-job"])
 def test_a_signal_under_torchrun_stops_every_rank_at_one_step(dataset, tmp_path, how):
     """Ctrl-C in a terminal reaches torchrun's process group; torchrun passes it on to each worker. A scheduler may
@@ -817,8 +830,7 @@ def test_a_signal_under_torchrun_stops_every_rank_at_one_step(dataset, tmp_path,
                          stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for(p, "step 3/")
-    workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
-                                              text=True).stdout.split()]
+    workers = children(p.pid)
     assert len(workers) == 2, workers
     if how == "ctrl-c":
         os.killpg(p.pid, signal.SIGINT)

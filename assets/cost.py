@@ -45,7 +45,7 @@ def flops_table():
     base = model("ponderlm2", 0)
     t0, d0 = base.flops_per_token(), base.flops_per_token(training=False)
     print("| method | K | training MFLOP/token (J = 2-3) | x vanilla | decode MFLOP/token | x vanilla | "
-          "KV slots/token |")
+          "KV entries per token and layer |")
     print("|---|---|---|---|---|---|---|")
     for name, method, K, kw in ROWS:
         m = model(method, K, **kw)

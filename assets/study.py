@@ -317,14 +317,14 @@ def figure(res):
         axes[2].errorbar(r["decode_flops"] / 1e6, mean, yerr=[[mean - min(r["val"])], [max(r["val"]) - mean]],
                          fmt="o", color=color, capsize=3)
         axes[2].annotate(row, (r["decode_flops"] / 1e6, mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    axes[0].set(xlabel="training tokens (millions)", ylabel="val loss (nats/token)", ylim=(None, 2.0),
+    axes[0].set(xlabel="training tokens (millions)", ylabel="val loss (nats/token)", ylim=(None, 1.8),
                 title="equal training tokens (dashed: second seed)")
-    axes[1].set(xlabel="training FLOPs", xscale="log", ylim=(None, 2.0), title="by training compute")
+    axes[1].set(xlabel="training FLOPs", xscale="log", ylim=(None, 1.8), title="by training compute")
     axes[2].set(xlabel="decode FLOPs per token (millions)", ylabel="final val loss (mean; bars: seed range)",
                 title="final loss against the cost of a generated token")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(REPO / "assets" / "study_curves.png", dpi=100)
 
