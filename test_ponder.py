@@ -681,6 +681,17 @@ def test_two_accumulating_ranks_equal_one_big_step(dataset, tmp_path):
     assert logged[0] == {"step": 0, "val_loss": pytest.approx(val0, abs=1e-6)}
 
 
+def test_train_py_evaluates_with_jacobi_eval_passes(dataset, monkeypatch):
+    cfg = train.TrainConfig(block_size=16, micro_batch=4, eval_windows=8, jacobi_eval=4)
+    model = tiny(1, dtype=torch.float32, vocab_size=256, block_size=16, jacobi_eval=4).train()
+    passes = []
+    run_slots = model.run_slots
+    monkeypatch.setattr(model, "run_slots", lambda x: passes.append(1) or run_slots(x))
+    meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset)}
+    train.evaluate(model, meta, cfg, "cpu", train.nullcontext(), 0, 1)
+    assert len(passes) == 2 * (1 + 4 + 1) and model.training      # 2 batches of 4 windows; back in train mode
+
+
 def test_lr_schedule():
     cfg = train.TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
     lr = [train.lr_at(cfg, s) for s in range(130)]
