@@ -1159,12 +1159,18 @@ def test_sample_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
         sample.main([f"--out_dir={tmp_path / 'a'}"])
 
 
+def default_sigint():
+    """A shell starts background jobs with SIGINT ignored, and Python then never turns it into KeyboardInterrupt:
+    give the child the terminal's default, whatever the test runner got."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sample_into_a_closed_pipe_and_ctrl_c(trained):
     cmd = f"{sys.executable} sample.py --out_dir={trained} --num_samples=50 --max_new_tokens=200 | head -c 20"
     result = subprocess.run(cmd, shell=True, cwd=REPO, capture_output=True, timeout=120)
     assert len(result.stdout) == 20 and b"Error" not in result.stderr and b"Traceback" not in result.stderr
     p = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={trained}", "--num_samples=1000"], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     while "sample 2/" not in p.stderr.readline():
         pass
     p.send_signal(signal.SIGINT)

@@ -304,19 +304,26 @@ def figure(res):
         return
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.6))
     colors = plt.get_cmap("tab20").colors
+    points = []                                   # (decode MFLOPs, mean loss, row) for the right panel
     for (row, r), color in zip(res.items(), colors):
         per_token = r["train_flops"] / r["train_tokens"]
-        for i, curve in enumerate(r["curves"].values()):
+        for seed, curve in enumerate(r["curves"].values()):
             tokens, loss = zip(*curve[1:])
-            label = row if i == 0 else None
-            style = "-" if i == 0 else "--"
+            label = row if seed == 0 else None
+            style = "-" if seed == 0 else "--"
             if row in ROWS:                            # the FLOP-matched row saw 8x the tokens: compute panel only
                 axes[0].plot([t / 1e6 for t in tokens], loss, style, color=color, label=label, lw=1.2)
             axes[1].plot([t * per_token for t in tokens], loss, style, color=color, label=label, lw=1.2)
         mean = sum(r["val"]) / len(r["val"])
         axes[2].errorbar(r["decode_flops"] / 1e6, mean, yerr=[[mean - min(r["val"])], [max(r["val"]) - mean]],
                          fmt="o", color=color, capsize=3)
-        axes[2].annotate(row, (r["decode_flops"] / 1e6, mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        points.append((r["decode_flops"] / 1e6, mean, row))
+    placed = []                                   # labels top to bottom, each at least `gap` below a close one
+    gap = 0.01
+    for x, y, row in sorted(points, key=lambda p: -p[1]):
+        label_y = min([y] + [ly - gap for px, ly in placed if abs(px - x) < 0.7 and ly - gap < y + gap])
+        axes[2].annotate(row, (x, y), xytext=(x + 0.08, label_y - 0.003), fontsize=7)
+        placed.append((x, label_y))
     axes[0].set(xlabel="training tokens (millions)", ylabel="val loss (nats/token)", ylim=(None, 1.8),
                 title="equal training tokens (dashed: second seed)")
     axes[1].set(xlabel="training FLOPs", xscale="log", ylim=(None, 1.8), title="by training compute")
