@@ -92,8 +92,7 @@ SYSTEM_KEYS = {"device", "dtype", "compile"}                     # describe this
 
 def check_config(cfg, given):
     """Every option, before any work (floats are already known to be finite)."""
-    positive = ("eval_interval", "eval_windows", "log_interval", "batch_tokens", "micro_batch", "max_iters")
-    for name in positive:
+    for name in ("eval_interval", "eval_windows", "log_interval", "batch_tokens", "micro_batch", "max_iters"):
         if getattr(cfg, name) < 1:
             raise Fail(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
@@ -299,15 +298,14 @@ def resume_config(cfg, given, run):
     if not run.ckpt.exists():
         raise Fail(f"no checkpoint at {run.ckpt} to resume; train one first (python train.py --out_dir={run.path})")
     ckpt = load_checkpoint(run.ckpt)
-    saved = {**ckpt["train_config"], "method": ckpt.get("method", "ponderlm2")}
-    for key in [*MODEL_KEYS, "method"]:
-        old = {**ckpt["model_config"], "method": saved["method"]}.get(key)
-        if key in given and key not in FREE_MODEL_KEYS and old is not None and getattr(cfg, key) != old:
+    model = {**ckpt["model_config"], "method": ckpt.get("method", "ponderlm2")}
+    for key, old in model.items():
+        if key in given and key not in FREE_MODEL_KEYS and getattr(cfg, key) != old:
             raise Fail(f"{run.ckpt} has {key}={old}, not {getattr(cfg, key)}; drop --{key} to resume it, or train "
                        f"the new model in another --out_dir")
-    known = {f.name for f in fields(TrainConfig)} - SYSTEM_KEYS
-    cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **{k: getattr(cfg, k) for k in given
-                                                                            | SYSTEM_KEYS}})
+    saved = {k: v for k, v in {**ckpt["train_config"], "method": model["method"]}.items()
+             if k in {f.name for f in fields(TrainConfig)} - SYSTEM_KEYS}
+    cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given | SYSTEM_KEYS}})
     cfg.init_from = "resume"
     return cfg, ckpt
 
@@ -356,12 +354,11 @@ def main(argv=None):
     cfg, given = parse_options(TrainConfig, argv, "Train PonderLM-2 or a baseline.")
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)
     device, kind, dtype, compile = resolve_system(cfg, given)
     check_config(cfg, given)
     run = RunDir(cfg.out_dir)
-    if master:
+    if rank == 0:                                 # rank 0 owns out_dir
         run.claim()
     try:
         if ddp:
