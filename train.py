@@ -332,9 +332,10 @@ def make_optimizer(model, cfg, kind, ckpt):
     return optimizer
 
 
-# Dense bf16 peak FLOP/s by device name; the first name contained in torch.cuda.get_device_name() wins.
+# Dense bf16 peak FLOP/s by device name; the first name contained in torch.cuda.get_device_name() wins. None:
+# no published figure (the A10G is an AWS variant without an NVIDIA datasheet), so no MFU rather than a wrong one.
 PEAK_BF16 = {"H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12, "L4": 121e12, "A10": 125e12,
+             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": None, "L4": 121e12, "A10": 125e12,
              "4090": 165e12}
 
 
