@@ -20,18 +20,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ponder import KVCache, PonderLM, embedding_scale, next_token_loss
+from ponder import KVCache, PonderLM, decoding, embedding_scale, next_token_loss
 
 
 class Baseline(PonderLM):
     """What the three share: exact in one forward, so prefill and step are `decode` over 1 or more new tokens."""
 
-    @torch.inference_mode()
+    @decoding
     def prefill(self, idx, cache, exact=True):
         self.check(idx)
         return self.decode(idx, cache)
 
-    @torch.inference_mode()
+    @decoding
     def step(self, idx, cache):
         return self.decode(idx[:, None], cache)
 

@@ -23,12 +23,14 @@ The network itself is a small Llama: RMSNorm pre-norm, rotary positions, SwiGLU,
 Paper: Zeng et al., "PonderLM-2: Pretraining LLM with Latent Thoughts in Continuous Space", arXiv 2509.23184.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 # Token-embedding multipliers by name. PonderLM-2 uses sqrt(2.5 d) when K > 0 (see PonderLM.__init__).
@@ -189,6 +191,17 @@ def next_token_loss(logits, targets):
     return F.cross_entropy(logits, targets.flatten(), ignore_index=-1)
 
 
+def decoding(method):
+    """Decorates the cached-decoding methods: no autograd, and attention kernels other than cuDNN's, which builds
+    a kernel plan for every new key length (sample.py decoded 12.5 tokens/s on an H200 with it, 171 without)."""
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with torch.inference_mode(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                  SDPBackend.MATH]):
+            return method(*args, **kwargs)
+    return wrapped
+
+
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Pick the next token from logits (B, V): argmax at temperature 0, else sample from the top_k softmax."""
     if temperature == 0:
@@ -310,7 +323,7 @@ class PonderLM(nn.Module):
     def new_cache(self):
         return KVCache(self.config.block_size * (self.config.n_thoughts + 1))
 
-    @torch.inference_mode()
+    @decoding
     def prefill(self, idx, cache, exact=True):
         """Run a prompt (B, T) into an empty cache. Its thoughts are solved by Jacobi passes, until they stop
         changing (exact) or for jacobi_eval passes (the authors' approximation), then one pass fills the cache.
@@ -323,7 +336,7 @@ class PonderLM(nn.Module):
         h = self.run(x.flatten(1, 2), pos, cache)         # (B, T*(K+1), d)
         return self.lm_head(h[:, -1]), x[:, -1, 1:]
 
-    @torch.inference_mode()
+    @decoding
     def step(self, idx, cache):
         """Decode one token idx (B,) at the next position: its own slot, then K thought slots, each fed the
         final-norm output of the slot before it. Returns next-token logits (B, V) and the thoughts (B, K, d)."""

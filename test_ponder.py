@@ -492,6 +492,24 @@ def test_generate_refills_the_context_exactly(method):
     assert start > 0, "the test never reached the refill"
 
 
+@pytest.mark.parametrize("method", ["ponderlm2", "pause", "loop"])
+def test_decoding_keeps_cudnn_attention_out(method, monkeypatch):
+    """cuDNN's attention builds a kernel plan per new key length (measured: sample.py at 12 tokens/s on an H200),
+    so attention over a KV cache must run with it switched off; whole sequences (S == L) may use it."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.size(2) == k.size(2), torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    cfg = PonderConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, n_thoughts=1)
+    list(build(method, cfg).eval().generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))
+    assert {cudnn for whole, cudnn in seen if not whole} == {False}
+    assert torch.backends.cuda.cudnn_sdp_enabled()             # and it is back on afterwards
+
+
 def test_generate_at_block_size_1():
     model = tiny(1, block_size=1)
     out = list(model.generate(tokens(B=1, T=3), max_new_tokens=5, temperature=0))
@@ -526,6 +544,7 @@ def test_emb_scale_option():
 
 # ---- data and training ----------------------------------------------------------------------------------------
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -723,12 +742,14 @@ def test_resume_applies_the_options_given_now(dataset, tmp_path):
 
 
 def test_batch_layout_fits_any_number_of_ranks():
-    gpu = train.TrainConfig(batch_tokens=32768, micro_batch=32, block_size=256)      # the CUDA defaults
+    gpu = train.TrainConfig(**{f.name: f.metadata["gpu"] for f in dataclasses.fields(train.TrainConfig)
+                               if f.metadata["gpu"] is not None})                     # the CUDA defaults
+    assert (gpu.batch_tokens, gpu.micro_batch, gpu.block_size) == (32768, 64, 256)
     for world in range(1, 9):
         micro, accum, tokens = train.batch_layout(gpu, set(), world)
-        assert micro * accum * 256 * world == tokens and micro <= 32, world
+        assert micro * accum * 256 * world == tokens and micro <= 64, world
         assert abs(tokens / 32768 - 1) < 0.05, (world, tokens)
-    assert train.batch_layout(gpu, set(), 1) == (32, 4, 32768) and train.batch_layout(gpu, set(), 8) == (16, 1, 32768)
+    assert train.batch_layout(gpu, set(), 1) == (64, 2, 32768) and train.batch_layout(gpu, set(), 8) == (16, 1, 32768)
     assert train.batch_layout(train.TrainConfig(), set(), 1) == (8, 1, 1024)          # the CPU defaults
     assert train.batch_layout(gpu, {"batch_tokens"}, 4) == (32, 1, 32768)             # given: kept exactly
     with pytest.raises(train.Fail, match="not a multiple"):
@@ -871,6 +892,19 @@ def test_disk_full_at_a_save_keeps_the_last_checkpoint(dataset, tmp_path, monkey
     monkeypatch.undo()
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "lock", "log.jsonl"]
+
+
+def test_out_of_gpu_memory_names_the_micro_batch(dataset, tmp_path, monkeypatch):
+    """A CUDA out-of-memory error (simulated: CPU has none) is one line that says what to lower; nothing is lost."""
+    train_run(dataset, tmp_path, "--max_iters=2", "--eval_interval=2")
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_step", oom)
+    with pytest.raises(train.Fail, match="out of GPU memory at --micro_batch=4: use a smaller one"):
+        train_run(dataset, tmp_path, "--max_iters=4", "--eval_interval=2")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5])

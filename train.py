@@ -65,7 +65,7 @@ class TrainConfig:
     # optimization
     batch_tokens: int = opt(1024, "tokens per optimizer step over all ranks (the default is fitted to the ranks)",
                             gpu=32768)
-    micro_batch: int = opt(8, "sequences per forward pass on each rank", gpu=32)
+    micro_batch: int = opt(8, "sequences per forward pass on each rank", gpu=64)
     max_iters: int = opt(600, "optimizer steps to train for", gpu=1500)
     lr: float = opt(3e-3, "peak learning rate", gpu=1.5e-3)
     min_lr_ratio: float = opt(0.1, "the cosine decays to this fraction of lr")
@@ -368,6 +368,9 @@ def main(argv=None):
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         return train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world, log)
+    except torch.cuda.OutOfMemoryError:
+        raise Fail(f"out of GPU memory at --micro_batch={cfg.micro_batch}: use a smaller one (--batch_tokens is kept "
+                   "by accumulating more micro-steps) or a smaller model; the last checkpoint in out_dir is kept")
     finally:
         run.release()
         if dist.is_initialized():
