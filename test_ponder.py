@@ -492,7 +492,7 @@ def test_generate_refills_the_context_exactly(method):
     assert start > 0, "the test never reached the refill"
 
 
-@pytest.mark.parametrize("method", ["ponderlm2", "pause", "loop"])
+@pytest.mark.parametrize("method", ["ponderlm2", "pause", "loop", "ponderlm"])
 def test_decoding_keeps_cudnn_attention_out(method, monkeypatch):
     """cuDNN's attention builds a kernel plan per new key length (measured: sample.py at 12 tokens/s on an H200),
     so attention over a KV cache must run with it switched off; whole sequences (S == L) may use it."""
