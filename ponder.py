@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 # Token-embedding multipliers by name. PonderLM-2 uses sqrt(2.5 d) when K > 0 (see PonderLM.__init__).
@@ -192,13 +191,18 @@ def next_token_loss(logits, targets):
 
 
 def decoding(method):
-    """Decorates the cached-decoding methods: no autograd, and attention kernels other than cuDNN's, which builds
-    a kernel plan for every new key length (sample.py decoded 12.5 tokens/s on an H200 with it, 156-171 without)."""
+    """Decorates the cached-decoding methods (not generators): no autograd, and cuDNN's attention kernel switched
+    off, since it builds a kernel plan for every new key length (sample.py decoded 12.5 tokens/s on an H200 with
+    it, 156-171 without). The other kernels stay as the caller set them."""
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
-        with torch.inference_mode(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                  SDPBackend.MATH]):
-            return method(*args, **kwargs)
+        cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            with torch.inference_mode():
+                return method(*args, **kwargs)
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
     return wrapped
 
 

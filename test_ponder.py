@@ -496,18 +496,25 @@ def test_generate_refills_the_context_exactly(method):
 def test_decoding_keeps_cudnn_attention_out(method, monkeypatch):
     """cuDNN's attention builds a kernel plan per new key length (measured: sample.py at 12 tokens/s on an H200),
     so attention over a KV cache must run with it switched off; whole sequences (S == L) may use it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     seen = []
     real = F.scaled_dot_product_attention
 
     def spy(q, k, v, **kw):
-        seen.append((q.size(2) == k.size(2), torch.backends.cuda.cudnn_sdp_enabled()))
+        seen.append((q.size(2) == k.size(2), torch.backends.cuda.cudnn_sdp_enabled(),
+                     torch.backends.cuda.flash_sdp_enabled()))
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     cfg = PonderConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, n_thoughts=1)
-    list(build(method, cfg).eval().generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))
-    assert {cudnn for whole, cudnn in seen if not whole} == {False}
+    model = build(method, cfg).eval()
+    list(model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))
+    assert {cudnn for whole, cudnn, _ in seen if not whole} == {False}
     assert torch.backends.cuda.cudnn_sdp_enabled()             # and it is back on afterwards
+    seen.clear()
+    with sdpa_kernel(SDPBackend.MATH):                         # a caller's own choice of kernels is kept
+        list(model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0))
+    assert seen and not any(flash for _, _, flash in seen)
 
 
 def test_generate_at_block_size_1():
@@ -902,9 +909,11 @@ def test_out_of_gpu_memory_names_the_micro_batch(dataset, tmp_path, monkeypatch)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "train_step", oom)
-    with pytest.raises(train.Fail, match="out of GPU memory at --micro_batch=4: use a smaller one"):
+    with pytest.raises(train.Fail, match="out of GPU memory at --micro_batch=4: use a smaller one.*ckpt.pt is kept"):
         train_run(dataset, tmp_path, "--max_iters=4", "--eval_interval=2")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    with pytest.raises(train.Fail, match="or a smaller model$"):                 # no checkpoint yet: none named
+        train_run(dataset, tmp_path / "new", "--max_iters=4", "--eval_interval=2")
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5])

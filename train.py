@@ -369,8 +369,9 @@ def main(argv=None):
             dist.init_process_group("nccl" if kind == "cuda" else "gloo")
         return train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world, log)
     except torch.cuda.OutOfMemoryError:
+        kept = f"; {run.ckpt} is kept" if run.ckpt.exists() else ""
         raise Fail(f"out of GPU memory at --micro_batch={cfg.micro_batch}: use a smaller one (--batch_tokens is kept "
-                   "by accumulating more micro-steps) or a smaller model; the last checkpoint in out_dir is kept")
+                   f"by accumulating more micro-steps) or a smaller model{kept}")
     finally:
         run.release()
         if dist.is_initialized():

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check: everything the CPU cannot show, in one run of about 5 minutes on one H100/H200 (adapted from the
-# project's shared gpu_check.sh). Run it from the repository root:
+# The GPU check: what the CPU cannot show, in one run on one H100/H200 (about 5 to 6 minutes, estimated from
+# its parts; BUDGET_S caps it). Run it from the repository root:
 #
 #     bash assets/gpu_check.sh                  # everything; output in $OUT (default ./gpu_check_out)
-#     ONLY=k1,sample_exact bash assets/gpu_check.sh      # some steps (sample_* need k1's checkpoint)
+#     ONLY=k1,sample_exact bash assets/gpu_check.sh      # some steps (exact and sample_* need k1's checkpoint)
 #
 # Steps (each under its own timeout; a step is skipped when the overall budget BUDGET_S, default 500 s, is spent):
 #   env      GPU, torch and CUDA versions
@@ -258,12 +258,11 @@ print(json.dumps(res, indent=1))
 EOF
 
 # ---------------------------------------------------------------------------------------------------------------
-step env 60 bash -c "nvidia-smi 2>/dev/null | head -15; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available())'"
-tail -3 "$OUT/env.log" | tee -a "$SUMMARY"
-[ -f data/stdlib/meta.json ] || step prepare 120 $PY data/prepare.py stdlib
+step env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.is_available())'" \
+  && tail -3 "$OUT/env.log" | tee -a "$SUMMARY"
+[ -f data/stdlib/meta.json ] || ONLY= step prepare 120 $PY data/prepare.py stdlib
 
-step probe 100 $PY "$OUT/probe.py"
-tail -60 "$OUT/probe.log" >> "$SUMMARY"; tail -60 "$OUT/probe.log"
+step probe 100 $PY "$OUT/probe.py" && tail -60 "$OUT/probe.log" | tee -a "$SUMMARY"
 
 step k1 200 env TORCH_LOGS=recompiles,graph_breaks $PY "$OUT/run_train.py" "${TRAIN[@]}" --n_thoughts=1 \
   --max_iters=$K_STEPS --eval_interval=$K_STEPS --log_interval=10 --out_dir="$OUT/k1"
@@ -285,15 +284,14 @@ for mb in 32 128; do
   report_train mb$mb
 done
 
-step exact 60 $PY "$OUT/exact.py" "$OUT/k1/ckpt.pt"
-tail -40 "$OUT/exact.log" | tee -a "$SUMMARY"
-
 if [ -f "$OUT/k1/ckpt.pt" ]; then
+  step exact 60 $PY "$OUT/exact.py" "$OUT/k1/ckpt.pt" && tail -40 "$OUT/exact.log" | tee -a "$SUMMARY"
   for prefill in exact jacobi; do
     step "sample_$prefill" 45 $PY sample.py --out_dir="$OUT/k1" --num_samples=2 --max_new_tokens=500 \
-      --temperature=0 --prefill=$prefill
-    grep -E "tokens/s|error" "$OUT/sample_$prefill.log" | tee -a "$SUMMARY"
+      --temperature=0 --prefill=$prefill && grep -E "tokens/s|error" "$OUT/sample_$prefill.log" | tee -a "$SUMMARY"
   done
+else
+  say "SKIP exact, sample_exact, sample_jacobi: no k1 checkpoint in $OUT (run the k1 step first)"
 fi
 step ddp 150 env TORCH_LOGS=recompiles,graph_breaks,ddp_graphs $PY -m torch.distributed.run --standalone \
   --nproc_per_node=1 "$OUT/run_train.py" "${TRAIN[@]}" --n_thoughts=1 --jacobi_min=3 --jacobi_max=3 \
