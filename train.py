@@ -83,8 +83,8 @@ class TrainConfig:
 
 
 MODEL_KEYS = [f.name for f in fields(PonderConfig) if f.name != "vocab_size"]
-FREE_MODEL_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"}   # a resumed run may change these
-THOUGHT_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"}      # PonderLM-2's thought solve only
+# PonderLM-2's thought solve: options of that method only, and the model options a resumed run may change
+THOUGHT_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"}
 SYSTEM_KEYS = {"device", "dtype", "compile"}                     # describe this machine: never taken from a checkpoint
 
 
@@ -300,7 +300,7 @@ def resume_config(cfg, given, run):
     ckpt = load_checkpoint(run.ckpt)
     model = {**ckpt["model_config"], "method": ckpt.get("method", "ponderlm2")}
     for key, old in model.items():
-        if key in given and key not in FREE_MODEL_KEYS and getattr(cfg, key) != old:
+        if key in given and key not in THOUGHT_KEYS and getattr(cfg, key) != old:
             raise Fail(f"{run.ckpt} has {key}={old}, not {getattr(cfg, key)}; drop --{key} to resume it, or train "
                        f"the new model in another --out_dir")
     saved = {k: v for k, v in {**ckpt["train_config"], "method": model["method"]}.items()
@@ -418,16 +418,17 @@ def train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world
         kept = f"the last good checkpoint stays in {run.ckpt}" if run.ckpt.exists() else "no checkpoint was saved"
         raise Fail(f"{what}: training diverged; {kept} (try a lower --lr)")
 
-    def evaluate_and_save():
+    def evaluate_and_save(save=True):
         val = run_eval()
+        save = save and not cfg.eval_only
         if master:
             run.record({"step": step, **({"eval_only": True} if cfg.eval_only else {}), **val})
-            if not cfg.eval_only:
+            if save:
                 run.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(mconf),
                               train_config=asdict(cfg), method=cfg.method, step=step, tokenizer=meta["tokenizer"],
                               **val))
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
-            + ("" if cfg.eval_only else f"; saved {run.ckpt}"))
+            + (f"; saved {run.ckpt}" if save else ""))
         return val
 
     flops_tok, peak = model.flops_per_token(), peak_flops(kind, dtype)
@@ -443,10 +444,7 @@ def train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world
     if master and ckpt:
         run.rewind(step)                          # drop log entries of steps the checkpoint does not have
     if step == 0:
-        val = run_eval()
-        if master:
-            run.record({"step": 0, **val})
-        log("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        evaluate_and_save(save=False)             # where training starts from; nothing worth a checkpoint yet
 
     def batches(step):                            # this rank's micro-batches of a step
         offsets = [train_offsets(meta["train_tokens"], cfg, step, rank * accum + m) for m in range(accum)]
