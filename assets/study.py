@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from baselines import build  # noqa: E402
+from common import RunDir  # noqa: E402
 from ponder import PonderConfig  # noqa: E402
 
 STUDY = REPO / "study"
@@ -124,7 +125,7 @@ def done(row, lr, seed):
 
 
 def log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return RunDir(out).entries()
 
 
 def evals(out):
