@@ -657,10 +657,11 @@ def reference_sgd(dataset, out, ranks, accum):
     cfg = train.TrainConfig(**ckpt["train_config"])
     torch.manual_seed(cfg.seed)
     model = build(cfg.method, PonderConfig(**ckpt["model_config"])).train()
-    n = json.loads((Path(dataset) / "meta.json").read_text())["train_tokens"]
+    meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset), "align": 1,
+            "targets": False}
     for step in range(ckpt["step"]):
-        offsets = np.concatenate([train.train_offsets(n, cfg, step, m) for m in range(ranks * accum)])
-        x, y = train.get_batch(Path(dataset) / "train.bin", offsets, cfg.block_size, "cpu")
+        offsets = np.concatenate([train.train_offsets(meta, cfg, step, m) for m in range(ranks * accum)])
+        x, y = train.get_batch(meta, "train", offsets, cfg.block_size, "cpu")
         loss = model(x, y, jacobi=train.jacobi_for(cfg, step))[1]
         model.zero_grad()
         loss.backward()
@@ -701,7 +702,8 @@ def test_two_accumulating_ranks_equal_one_big_step(dataset, tmp_path):
                                "micro_batch": 3})
     torch.manual_seed(cfg.seed)
     model = build("ponderlm2", PonderConfig(vocab_size=256, **{k: getattr(cfg, k) for k in train.MODEL_KEYS}))
-    meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset)}
+    meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset), "align": 1,
+            "targets": False}
     val0 = train.evaluate(model, meta, cfg, "cpu", train.nullcontext(), 0, 1)      # 1 rank, micro-batch 3
     logged = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert logged[0] == {"step": 0, "val_loss": pytest.approx(val0, abs=1e-6)}
@@ -713,7 +715,8 @@ def test_train_py_evaluates_with_jacobi_eval_passes(dataset, monkeypatch):
     passes = []
     run_slots = model.run_slots
     monkeypatch.setattr(model, "run_slots", lambda x: passes.append(1) or run_slots(x))
-    meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset)}
+    meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset), "align": 1,
+            "targets": False}
     train.evaluate(model, meta, cfg, "cpu", train.nullcontext(), 0, 1)
     assert len(passes) == 2 * (1 + 4 + 1) and model.training      # 2 batches of 4 windows; back in train mode
 
@@ -1260,3 +1263,74 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     command = "python -m pytest -q"
     assert f"\n{command}\n" in readme and ci.rstrip().endswith(command)
+
+
+# ---- new runs from another run's weights, per-token targets --------------------------------------------------
+
+def test_a_new_run_from_another_runs_weights(dataset, tmp_path, capsys):
+    """--init_from=PATH: the weights arrive unchanged (the new run's step-0 evaluation equals the source's last),
+    the optimizer state and the schedule do not (a new run), K may change and the run trains, the source's
+    embedding scale is kept, the same command resumes, and what cannot fit fails in one line."""
+    src = tmp_path / "src"
+    train_run(dataset, src, "--n_thoughts=0", "--max_iters=3", "--eval_interval=3")
+    src_val = json.loads((src / "log.jsonl").read_text().splitlines()[-1])["val_loss"]
+    train_run(dataset, tmp_path / "same", f"--init_from={src}", "--max_iters=1")
+    assert json.loads((tmp_path / "same" / "log.jsonl").read_text().splitlines()[0]) == {"step": 0, "val_loss": src_val}
+    new = tmp_path / "k1"
+    train_run(dataset, new, f"--init_from={src / 'ckpt.pt'}", "--n_thoughts=1", "--max_iters=2", "--eval_interval=2")
+    ckpt = torch.load(new / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["model_config"]["n_thoughts"] == 1
+    assert ckpt["model_config"]["emb_scale"] == "1"                  # the source was trained without a scale
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {2}    # AdamW counts from 0 again
+    assert torch.load(src / "ckpt.pt", weights_only=True)["step"] == 3         # the source is untouched
+    train_run(dataset, new, f"--init_from={src / 'ckpt.pt'}", "--n_thoughts=1", "--max_iters=3")
+    assert torch.load(new / "ckpt.pt", weights_only=True)["step"] == 3          # the same command resumes
+    with pytest.raises(train.Fail, match="did not start from"):
+        train_run(dataset, new, f"--init_from={tmp_path / 'same'}", "--max_iters=4")
+    with pytest.raises(train.Fail, match="cannot start from .*n_embd=32, not 64"):
+        train_run(dataset, tmp_path / "wide", f"--init_from={src}", "--n_embd=64")
+    with pytest.raises(train.Fail, match="no checkpoint there"):
+        train_run(dataset, tmp_path / "none", f"--init_from={tmp_path / 'nothing'}")
+    assert not (tmp_path / "wide").exists() and not (tmp_path / "none").exists()
+
+
+def masked_dataset(folder, n_seqs=40, L=12, vocab=7, seed=0):
+    """Sequences of L random tokens; the target at each position is the running sum mod vocab, scored only at odd
+    positions (-1 elsewhere). meta.json says align=L and targets=true."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for split, n in [("train", n_seqs), ("val", n_seqs // 4)]:
+        x = rng.integers(0, vocab, size=(n, L))
+        y = np.cumsum(x, axis=1) % vocab
+        y[:, ::2] = -1
+        x.astype(np.uint16).tofile(folder / f"{split}.bin")
+        y.astype(np.int32).tofile(folder / f"{split}_targets.bin")
+    (folder / "meta.json").write_text(json.dumps(dict(tokenizer="bytes", vocab_size=vocab, train_tokens=n_seqs * L,
+                                                      val_tokens=n_seqs // 4 * L, align=L, targets=True)))
+    return folder
+
+
+def test_per_token_targets_and_aligned_windows(tmp_path):
+    data = masked_dataset(tmp_path / "sums")
+    meta = train.load_meta(train.TrainConfig(dataset=str(data), block_size=12), True)
+    cfg = train.TrainConfig(block_size=12, micro_batch=4, eval_windows=10)
+    offsets = np.concatenate([train.train_offsets(meta, cfg, s, 0) for s in range(20)])
+    assert (offsets % 12 == 0).all() and offsets.max() <= 40 * 12 - 12 and len(set(offsets)) > 10
+    x, y = train.get_batch(meta, "train", offsets[:4], 12, "cpu")
+    tokens = np.fromfile(data / "train.bin", dtype=np.uint16).reshape(40, 12)
+    for row, o in enumerate(offsets[:4]):
+        assert x[row].tolist() == tokens[o // 12].tolist()
+        assert y[row].tolist() == [(-1 if i % 2 == 0 else int(tokens[o // 12][:i + 1].sum() % 7)) for i in range(12)]
+    # the evaluation scores only the positions with a target, over whole sequences from their start
+    model = tiny(0, dtype=torch.float32, vocab_size=64, block_size=12)
+    val = train.evaluate(model, meta, cfg, "cpu", train.nullcontext(), 0, 1)
+    vx = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).reshape(10, 12).astype(np.int64))
+    vy = torch.from_numpy(np.fromfile(data / "val_targets.bin", dtype=np.int32).reshape(10, 12).astype(np.int64))
+    logits = model(vx)[0]
+    expected = F.cross_entropy(logits[:, 1::2].flatten(0, 1), vy[:, 1::2].flatten())
+    assert val == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(train.Fail, match="fewer than block_size"):
+        train.load_meta(train.TrainConfig(dataset=str(data), block_size=600), True)
+    (data / "val_targets.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(train.Fail, match="val_targets.bin holds 2 tokens"):
+        train.load_meta(train.TrainConfig(dataset=str(data), block_size=12), True)

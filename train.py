@@ -40,7 +40,8 @@ class TrainConfig:
     # data, output, evaluation
     dataset: str = opt("stdlib", "folder under data/ (or a path) with train.bin, val.bin, meta.json")
     out_dir: str = opt("out", "where ckpt.pt and log.jsonl go; one run at a time")
-    init_from: str = opt("auto", "auto (resume if out_dir has a checkpoint), scratch, or resume")
+    init_from: str = opt("auto", "auto (resume if out_dir has a checkpoint), scratch, resume, or the path of another "
+                                 "run's checkpoint (or folder) to start a new run from its weights")
     eval_interval: int = opt(100, "evaluate and checkpoint every this many steps", gpu=250)
     eval_windows: int = opt(160, "fixed validation windows of block_size tokens per evaluation, split over ranks",
                             gpu=1280)
@@ -105,10 +106,13 @@ def check_config(cfg, given):
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise Fail(f"--{name} must be within [0, 1), got {getattr(cfg, name)}")
-    choices = dict(init_from=("auto", "scratch", "resume"), method=tuple(METHODS), compile=("auto", "true", "false"))
+    choices = dict(method=tuple(METHODS), compile=("auto", "true", "false"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise Fail(f"--{name}={getattr(cfg, name)}: use {', '.join(allowed)}")
+    if cfg.init_from not in ("auto", "scratch", "resume") and not source_path(cfg.init_from).exists():
+        raise Fail(f"--init_from={cfg.init_from}: no checkpoint there; use auto, scratch, resume, or the path of a "
+                   "train.py checkpoint (or of its out_dir)")
     if cfg.method != "ponderlm2" and (unused := sorted(given & THOUGHT_KEYS)):
         raise Fail(f"--{unused[0]} belongs to PonderLM-2's thought solve; {cfg.method} is exact in one forward")
     try:
@@ -172,30 +176,53 @@ def load_meta(cfg, master):
         sizes = {split: int(meta[f"{split}_tokens"]) for split in ("train", "val")}
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise Fail(f"{folder}/meta.json is damaged: prepare the dataset again") from None
+    align, targets = meta.get("align", 1), meta.get("targets", False)
+    if not isinstance(align, int) or align < 1 or not isinstance(targets, bool):
+        raise Fail(f"{folder}/meta.json is damaged (align must be a positive integer, targets true or false): "
+                   "prepare the dataset again")
+    meta["folder"], meta["align"], meta["targets"] = folder, align, targets
     for split, expected in sizes.items():
-        path = folder / f"{split}.bin"
-        n = path.stat().st_size // 2 if path.exists() else 0
-        if n != expected:
-            raise Fail(f"{path} holds {n:,} tokens but meta.json says {expected:,}: prepare the dataset again")
-        if n < cfg.block_size + 1:
-            raise Fail(f"{path} has {n:,} tokens, fewer than block_size+1 = {cfg.block_size + 1}; lower --block_size")
-    meta["folder"] = folder
+        for path, itemsize in [(folder / f"{split}.bin", 2)] + [(folder / f"{split}_targets.bin", 4)] * targets:
+            n = path.stat().st_size // itemsize if path.exists() else 0
+            if n != expected:
+                raise Fail(f"{path} holds {n:,} tokens but meta.json says {expected:,}: prepare the dataset again")
+        if windows(meta, split, cfg.block_size) < 1:
+            raise Fail(f"{folder / split}.bin: its {expected:,} tokens are fewer than block_size {cfg.block_size} "
+                       f"needs for one window{f' starting at a multiple of align {align}' if align > 1 else ''}; "
+                       "lower --block_size")
     return meta
 
 
-def get_batch(path, offsets, T, device):
-    data = np.memmap(path, dtype=np.uint16, mode="r")    # a fresh memmap per call: no growing page cache
-    xy = torch.from_numpy(np.stack([data[o:o + T + 1] for o in offsets]).astype(np.int64))
+def windows(meta, split, T):
+    """How many windows of T tokens a split offers. Window i starts at token i * align (align > 1: the dataset is
+    made of sequences of that length, and a window must start where a sequence does). Without a targets file a
+    window needs T + 1 tokens: its targets are its tokens shifted by one."""
+    return (meta[f"{split}_tokens"] - T - (0 if meta["targets"] else 1)) // meta["align"] + 1
+
+
+def get_batch(meta, split, offsets, T, device):
+    """Inputs and targets (B, T) of the windows starting at offsets. The targets are the next tokens, or, where the
+    dataset has a targets file, its values at the same positions (-1: not scored)."""
+    data = np.memmap(meta["folder"] / f"{split}.bin", dtype=np.uint16, mode="r")   # a fresh memmap per call
+    if meta["targets"]:
+        targets = np.memmap(meta["folder"] / f"{split}_targets.bin", dtype=np.int32, mode="r")
+        x = np.stack([data[o:o + T] for o in offsets]).astype(np.int64)
+        y = np.stack([targets[o:o + T] for o in offsets]).astype(np.int64)
+    else:
+        xy = np.stack([data[o:o + T + 1] for o in offsets]).astype(np.int64)
+        x, y = xy[:, :-1], xy[:, 1:]
+    xy = torch.from_numpy(np.stack([x, y]))
     if device.startswith("cuda"):
         xy = xy.pin_memory().to(device, non_blocking=True)
     else:
         xy = xy.to(device)
-    return xy[:, :-1], xy[:, 1:]
+    return xy[0], xy[1]
 
 
-def train_offsets(n, cfg, step, micro):
+def train_offsets(meta, cfg, step, micro):
     """Random windows drawn from (seed, step, global micro-step): a resumed run continues, never replays."""
-    return np.random.default_rng([cfg.seed, step, micro]).integers(0, n - cfg.block_size, size=cfg.micro_batch)
+    rng = np.random.default_rng([cfg.seed, step, micro])
+    return rng.integers(0, windows(meta, "train", cfg.block_size), size=cfg.micro_batch) * meta["align"]
 
 
 def jacobi_for(cfg, step):
@@ -217,14 +244,14 @@ def evaluate(model, meta, cfg, device, autocast, rank, world, jacobi=None):
     """Mean loss over eval_windows fixed, evenly spaced validation windows (the same for any number of ranks or
     micro-batch size), the forwards split over ranks, then all-reduced. Each forward takes the same number of
     windows (the largest divisor of eval_windows up to micro_batch), so a compiled model sees one shape."""
-    path = meta["folder"] / "val.bin"
-    offsets = np.linspace(0, meta["val_tokens"] - cfg.block_size - 1, cfg.eval_windows).astype(np.int64)
+    last = windows(meta, "val", cfg.block_size) - 1
+    offsets = np.linspace(0, last, cfg.eval_windows).astype(np.int64) * meta["align"]
     size = max(b for b in range(1, cfg.micro_batch + 1) if cfg.eval_windows % b == 0)
     batches = np.split(offsets, cfg.eval_windows // size)
     model.eval()
     total = torch.zeros((), device=device)
     for batch in batches[rank::world]:
-        x, y = get_batch(path, batch, cfg.block_size, device)
+        x, y = get_batch(meta, "val", batch, cfg.block_size, device)
         with autocast:
             _, loss = model(x, y, jacobi=jacobi)
         total += loss.float() * len(batch)
@@ -289,15 +316,46 @@ def train_step(train_model, model, optimizer, lr, batches, J, grad_clip, autocas
     return loss_sum
 
 
+def source_path(init_from):
+    """--init_from=PATH: a checkpoint file, or a run folder holding ckpt.pt."""
+    path = Path(init_from)
+    return path / "ckpt.pt" if path.is_dir() else path
+
+
+def source_config(cfg, given, path):
+    """A new run from another run's weights: the model settings come from the source, except those that only change
+    how the same weights are used (K, the thought solve, block_size: the rotary tables are derived, the method);
+    the shape must stay. The embedding scale the source was trained with is kept unless --emb_scale is given."""
+    src = load_checkpoint(path)
+    model = {**src["model_config"], "method": src.get("method", "ponderlm2")}
+    free = THOUGHT_KEYS | {"n_thoughts", "block_size", "method", "emb_scale"}
+    for key, old in model.items():
+        if key in given and key not in free and getattr(cfg, key) != old:
+            raise Fail(f"cannot start from {path}: it has {key}={old}, not {getattr(cfg, key)}, and its weights "
+                       f"would not fit; drop --{key}")
+    old_model = model_from(src, path)
+    scale = next(name for name, f in EMB_SCALES.items() if f(old_model.config.n_embd) == old_model.emb_scale)
+    keep = {k: v for k, v in model.items() if k not in given and k in {f.name for f in fields(TrainConfig)}}
+    cfg = TrainConfig(**{**vars(cfg), **keep, **({} if "emb_scale" in given else {"emb_scale": scale})})
+    return cfg, src
+
+
 def resume_config(cfg, given, run):
     """The checkpoint to continue, if any, and the config: the checkpoint's settings, except the options given
-    now and those that describe this machine. The model must match."""
-    resume = cfg.init_from == "resume" or cfg.init_from == "auto" and run.ckpt.exists() or cfg.eval_only
+    now and those that describe this machine. The model must match. With --init_from=PATH and no checkpoint in
+    out_dir yet: the config of a new run from PATH's weights, and None."""
+    from_path = cfg.init_from not in ("auto", "scratch", "resume")
+    if from_path and not run.ckpt.exists() and not cfg.eval_only:
+        return source_config(cfg, given, source_path(cfg.init_from))[0], None
+    resume = cfg.init_from == "resume" or cfg.init_from != "scratch" and run.ckpt.exists() or cfg.eval_only
     if not resume:
         return cfg, None
     if not run.ckpt.exists():
         raise Fail(f"no checkpoint at {run.ckpt} to resume; train one first (python train.py --out_dir={run.path})")
     ckpt = load_checkpoint(run.ckpt)
+    if from_path and ckpt["train_config"].get("init_from") != cfg.init_from:
+        raise Fail(f"{run.ckpt} holds a run that did not start from {cfg.init_from}; choose another --out_dir for "
+                   "the new run (or drop --init_from to resume this one)")
     model = {**ckpt["model_config"], "method": ckpt.get("method", "ponderlm2")}
     for key, old in model.items():
         if key in given and key not in THOUGHT_KEYS and getattr(cfg, key) != old:
@@ -306,7 +364,8 @@ def resume_config(cfg, given, run):
     saved = {k: v for k, v in {**ckpt["train_config"], "method": model["method"]}.items()
              if k in {f.name for f in fields(TrainConfig)} - SYSTEM_KEYS}
     cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in given | SYSTEM_KEYS}})
-    cfg.init_from = "resume"
+    if not from_path:
+        cfg.init_from = "resume"
     return cfg, ckpt
 
 
@@ -395,6 +454,19 @@ def train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world
 
     torch.manual_seed(cfg.seed)
     model = model_from(ckpt, run.ckpt, mconf) if ckpt else build(cfg.method, mconf)
+    if ckpt is None and cfg.init_from not in ("auto", "scratch", "resume"):     # a new run from another's weights
+        path = source_path(cfg.init_from)
+        src = load_checkpoint(path)
+        if src["model_config"]["vocab_size"] != mconf.vocab_size:
+            raise Fail(f"cannot start from {path}: its vocabulary has {src['model_config']['vocab_size']} entries, "
+                       f"dataset {cfg.dataset!r} needs {mconf.vocab_size}; use a dataset made with its tokenizer")
+        try:
+            model.load_state_dict(src["model"])
+        except RuntimeError as e:
+            raise Fail(f"the weights of {path} do not fit a {cfg.method} model ({str(e).splitlines()[1].strip()[:150]})"
+                       ) from None
+        log(f"starting from the weights of {path} (step {src['step']} of that run, K={src['model_config']['n_thoughts']}"
+            f"); the optimizer state and the schedule start anew")
     model.to(device)
     optimizer = make_optimizer(model, cfg, kind, ckpt)
     step = ckpt["step"] if ckpt else 0
@@ -447,8 +519,8 @@ def train(cfg, given, run, device, kind, dtype, compile, rank, local_rank, world
         evaluate_and_save(save=False)             # where training starts from; nothing worth a checkpoint yet
 
     def batches(step):                            # this rank's micro-batches of a step
-        offsets = [train_offsets(meta["train_tokens"], cfg, step, rank * accum + m) for m in range(accum)]
-        return [get_batch(meta["folder"] / "train.bin", o, cfg.block_size, device) for o in offsets]
+        offsets = [train_offsets(meta, cfg, step, rank * accum + m) for m in range(accum)]
+        return [get_batch(meta, "train", o, cfg.block_size, device) for o in offsets]
 
     stop = StopRequest(ddp)
     t_start, t_last, step_start, step_last, losses, stopping = time.time(), time.time(), step, step, [], False
