@@ -24,20 +24,8 @@ def tokens(B=2, T=8, vocab=32, seed=1):
 
 
 def exact_without_cache(model, idx):
-    """The exact recurrence, recomputed from scratch for every slot: no cache, no Jacobi iteration. It calls the
-    model's own `run` (the blocks under test); the independent references below do not."""
-    K = model.config.n_thoughts
-    xs, pos, logits = [], [], []
-    for t in range(idx.size(1)):
-        xs.append(model.embed(idx[:, t:t + 1]))
-        pos.append(t)
-        for k in range(K + 1):
-            h = model.run(torch.cat(xs, dim=1), torch.tensor(pos))[:, -1:]
-            if k < K:                       # the output of this slot is the input of the next one
-                xs.append(h)
-                pos.append(t)
-        logits.append(model.lm_head(h[:, 0]))
-    return torch.stack(logits, dim=1)
+    """The exact recurrence, token by token with no cache: the independent reference below."""
+    return ref_ponderlm2(model, idx)[0]
 
 
 def cached_decoding(model, idx):
@@ -80,8 +68,8 @@ def test_exact_thoughts_stop_early_in_float32(monkeypatch):
     model = tiny(1, dtype=torch.float32, block_size=64, seed=3)
     idx = tokens(T=64)
     passes = []
-    run_slots = model.run_slots
-    monkeypatch.setattr(model, "run_slots", lambda x: passes.append(1) or run_slots(x))
+    run = model.run
+    monkeypatch.setattr(model, "run", lambda x, *a: passes.append(1) or run(x, *a))
     logits, _ = model(idx, jacobi="exact")
     assert len(passes) < 64 / 2, f"{len(passes)} passes: the rounding-level stop did not trigger"
     torch.testing.assert_close(logits, cached_decoding(model, idx), rtol=0, atol=1e-4)
@@ -354,8 +342,8 @@ def test_grad_passes_1_is_the_final_pass_on_constant_exact_thoughts(K):
 def test_grad_passes_is_the_number_of_passes_with_gradients(monkeypatch, n):
     model = tiny(1, grad_passes=n).train()
     modes = []
-    run_slots = model.run_slots
-    monkeypatch.setattr(model, "run_slots", lambda x: modes.append(torch.is_grad_enabled()) or run_slots(x))
+    run = model.run
+    monkeypatch.setattr(model, "run", lambda x, *a: modes.append(torch.is_grad_enabled()) or run(x, *a))
     model(tokens(), tokens(), jacobi=3)
     assert len(modes) == 1 + 3 + 1
     assert modes == [False] * (5 - n) + [True] * n if n else modes == [True] * 5, modes
@@ -526,8 +514,8 @@ def test_generate_at_block_size_1():
 def test_evaluation_uses_jacobi_eval_passes(monkeypatch):
     model = tiny(1, jacobi_eval=4).train()
     passes = []
-    run_slots = model.run_slots
-    monkeypatch.setattr(model, "run_slots", lambda x: passes.append(1) or run_slots(x))
+    run = model.run
+    monkeypatch.setattr(model, "run", lambda x, *a: passes.append(1) or run(x, *a))
     model.eval()
     model(tokens())
     assert len(passes) == 1 + 4 + 1                  # K growing passes, jacobi_eval refinements, the final pass
@@ -713,8 +701,8 @@ def test_train_py_evaluates_with_jacobi_eval_passes(dataset, monkeypatch):
     cfg = train.TrainConfig(block_size=16, micro_batch=4, eval_windows=8, jacobi_eval=4)
     model = tiny(1, dtype=torch.float32, vocab_size=256, block_size=16, jacobi_eval=4).train()
     passes = []
-    run_slots = model.run_slots
-    monkeypatch.setattr(model, "run_slots", lambda x: passes.append(1) or run_slots(x))
+    run = model.run
+    monkeypatch.setattr(model, "run", lambda x, *a: passes.append(1) or run(x, *a))
     meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset), "align": 1,
             "targets": False}
     train.evaluate(model, meta, cfg, "cpu", train.nullcontext(), 0, 1)
