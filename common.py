@@ -1,5 +1,7 @@
 """
-What train.py and sample.py share: command-line options from a dataclass, the device, checkpoints, run folders.
+The machinery behind train.py and sample.py, kept out of their way: command-line options from a dataclass, the
+device, torchrun's ranks and stop signals, datasets, checkpoints, and the run folder (one run at a time, a log
+that survives crashes, checkpoints never half-written). Nothing here is needed to understand the method.
 """
 
 import argparse
@@ -8,25 +10,37 @@ import errno
 import json
 import math
 import os
-import sys
+import re
 import secrets
+import signal
+import sys
 import time
 from dataclasses import field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from baselines import build
-from ponder import PonderConfig
+from ponder import EMB_SCALES, PonderConfig
+
+REPO = Path(__file__).resolve().parent
+DATA_DIR = REPO / "data"
+MODEL_KEYS = [f.name for f in fields(PonderConfig) if f.name != "vocab_size"]
+THOUGHT_KEYS = {"jacobi_min", "jacobi_max", "jacobi_eval", "grad_passes"}    # PonderLM-2's thought solve
+SYSTEM_KEYS = {"device", "dtype", "compile"}        # describe this machine: never taken from a checkpoint
 
 
 class Fail(Exception):
     """An error the user can fix: printed as one line, no traceback."""
 
 
-def opt(default, help, gpu=None):
-    """An option: its default, a one-line help, and optionally another default on CUDA."""
-    return field(default=default, metadata=dict(help=help, gpu=gpu))
+# ---- options ----------------------------------------------------------------------------------------------------
+
+def opt(default, help, gpu=None, neox=None):
+    """An option: its default, a one-line help, and optionally other defaults on CUDA and for --arch=neox."""
+    return field(default=default, metadata=dict(help=help, gpu=gpu, neox=neox))
 
 
 # Options of nanoGPT and similar trainers that have another name here (or no exact equivalent).
@@ -78,9 +92,10 @@ def parse_options(config_class, argv=None, description=""):
                 what = "a finite number" if kind is float else kind.__name__
                 raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
-        gpu = f.metadata.get("gpu")
+        other = "".join(f" ({where}: {f.metadata[key]})" for key, where in [("gpu", "on CUDA"), ("neox", "neox")]
+                        if f.metadata.get(key) is not None)
         shown = repr(f.default) if isinstance(f.default, str) else f.default
-        help = f.metadata["help"] + (f" (on CUDA: {gpu})" if gpu is not None else "") + f" [default: {shown}]"
+        help = f.metadata["help"] + other + f" [default: {shown}]"
         flag = dict(nargs="?", const=True) if f.type is bool else {}     # a bare --flag means true
         p.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
                        help=help.replace("%", "%%"), **flag)
@@ -95,6 +110,15 @@ def parse_options(config_class, argv=None, description=""):
     given = vars(args)
     return config_class(**given), set(given)
 
+
+def use_defaults(cfg, given, kind, keep=()):
+    """Switch the options the user did not set (nor `keep`) to their defaults for `kind` (gpu or neox)."""
+    for f in fields(cfg):
+        if f.metadata.get(kind) is not None and f.name not in given and f.name not in keep:
+            setattr(cfg, f.name, f.metadata[kind])
+
+
+# ---- the machine ------------------------------------------------------------------------------------------------
 
 def pick_device(device, dtype):
     """Resolve --device and --dtype ('auto' or explicit) to (device, its kind, dtype name), with clear errors.
@@ -114,6 +138,190 @@ def pick_device(device, dtype):
     return device, kind, dtype
 
 
+# Dense bf16 peak FLOP/s by device name; the longest name contained in torch.cuda.get_device_name() wins (so an
+# "H100 NVL" is not taken for an "H100"). None: no published figure (the A10G is an AWS variant without an NVIDIA
+# datasheet), so no MFU rather than a wrong one.
+PEAK_BF16 = {"H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": None, "L4": 121e12, "A10": 125e12,
+             "4090": 165e12}
+
+
+def peak_flops(kind, dtype):
+    if kind != "cuda" or dtype != "bfloat16":
+        return None
+    name = torch.cuda.get_device_name()
+    found = [k for k in PEAK_BF16 if k in name]
+    return PEAK_BF16[max(found, key=len)] if found else None
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def out_of_memory(micro_batch, run, error):
+    where = "GPU " if isinstance(error, torch.cuda.OutOfMemoryError) else ""
+    kept = f"; {run.ckpt} is kept" if run.ckpt.exists() else ""
+    return Fail(f"out of {where}memory at --micro_batch={micro_batch}: use a smaller one (--batch_tokens is kept by "
+                f"accumulating more micro-steps) or a smaller model{kept}")
+
+
+# ---- torchrun: ranks, the process group, and stopping every rank at the same step ------------------------------
+
+def ranks():
+    """(rank, local rank, world size, ddp?) from torchrun's environment; (0, 0, 1, False) without it."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, False
+    try:
+        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]), True
+    except (KeyError, ValueError):
+        raise Fail("RANK is set, but not LOCAL_RANK and WORLD_SIZE: start several processes with torchrun "
+                   "(torchrun --standalone --nproc_per_node=N train.py), or unset RANK for one") from None
+
+
+def join_process_group(kind, local_rank):
+    """Join torchrun's process group (NCCL between GPUs, gloo on CPUs); returns this rank's device."""
+    device = "cpu"
+    if kind == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    return device
+
+
+def leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP (a closed terminal) ask the run to stop after the current step, with an
+    evaluation and a checkpoint; a second signal, one second or more after the first, stops at once. (A scheduler
+    that signals every process of a job reaches a torchrun worker twice, a few milliseconds apart: directly, and
+    through torchrun, which passes on what it gets. That is one request.) The ranks must stop at the same step even
+    if only one was signalled, so after every step they agree by an all-reduce of one number on the CPU (a gloo
+    group: no GPU synchronisation). Call it after every step: True when the run should stop."""
+    SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+    def __init__(self, ddp):
+        self.asked = None                         # when the first signal came
+        self.group = dist.new_group(backend="gloo") if ddp else None
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+
+    def handle(self, sig, frame):
+        if self.asked is None:
+            self.asked = time.monotonic()
+        elif time.monotonic() - self.asked >= 1:
+            raise KeyboardInterrupt
+
+    def __call__(self):
+        if self.group is None:
+            return self.asked is not None
+        flag = torch.tensor([float(self.asked is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return flag.item() > 0
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def batch_layout(cfg, given, world):
+    """(micro_batch, accumulation steps, batch_tokens). What the user set is kept exactly (an error if the ranks
+    cannot share it); a default micro_batch shrinks until it divides batch_tokens over the ranks, and a default
+    batch_tokens becomes the nearest batch that the ranks can share, so any number of GPUs works."""
+    T, micro, tokens = cfg.block_size, cfg.micro_batch, cfg.batch_tokens
+    if "batch_tokens" not in given:
+        per_rank = max(1, round(tokens / (T * world)))               # sequences per rank and step
+        accum = math.ceil(per_rank / micro)
+        micro = micro if "micro_batch" in given else math.ceil(per_rank / accum)
+        tokens = micro * accum * T * world
+    elif "micro_batch" not in given:
+        while micro > 1 and tokens % (micro * T * world):
+            micro -= 1
+    if tokens % (micro * T * world):
+        raise Fail(f"--batch_tokens={tokens} is not a multiple of micro_batch*block_size*ranks = "
+                   f"{micro}*{T}*{world} = {micro * T * world}")
+    return micro, tokens // (micro * T * world), tokens
+
+
+# ---- datasets ---------------------------------------------------------------------------------------------------
+
+def dataset_folder(name):
+    """--dataset: a folder under data/ by name, or a path (relative to here or to the repository)."""
+    candidates = [Path(name), DATA_DIR / name, REPO / name]
+    return next((c for c in candidates if (c / "meta.json").exists()), DATA_DIR / Path(name).name)
+
+
+def load_dataset(name, block_size, master):
+    """A prepared dataset's meta.json, with "folder", "align" and "targets" filled in, after checking that its files
+    are whole and their values fit the vocabulary. The default stdlib corpus is prepared on first use (by rank 0;
+    the others wait)."""
+    if not name.strip():
+        raise Fail("--dataset is empty: give a folder under data/ (e.g. stdlib) or a path")
+    folder = dataset_folder(name)
+    if name.rstrip("/") == "stdlib" and not (folder / "meta.json").exists() and master:
+        from data.prepare import prepare_stdlib
+        print("preparing the default corpus (the Python standard library, byte-level) ...")
+        try:
+            prepare_stdlib(folder)
+        except FileExistsError:                   # another run prepared it meanwhile
+            pass
+        except OSError as e:
+            raise Fail(f"cannot prepare the default corpus in {folder}: {e.strerror or e}") from None
+    if dist.is_initialized():
+        dist.barrier()
+    if not (folder / "meta.json").exists():
+        raise Fail(f"dataset {name!r} not found: no meta.json in {folder}; prepare it first, e.g. "
+                   f"python data/prepare.py text PATH --name={folder.name}")
+    damaged = f"{folder}/meta.json is damaged; prepare the dataset again"
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError):
+        raise Fail(damaged) from None
+    meta = meta if isinstance(meta, dict) else {}
+    meta.setdefault("align", 1)
+    meta.setdefault("targets", False)
+    for key, kind in [("tokenizer", str), ("vocab_size", int), ("train_tokens", int), ("val_tokens", int),
+                      ("align", int), ("targets", bool)]:
+        if not isinstance(meta.get(key), kind) or kind is int and (isinstance(meta[key], bool) or meta[key] < 1):
+            raise Fail(f"{damaged} (its {key!r} is missing or not a {'positive integer' if kind is int else kind.__name__})")
+    meta["folder"] = folder
+    V = meta["vocab_size"]
+    for split in ("train", "val"):
+        files = [(f"{split}.bin", np.uint16, 0, V - 1)]
+        if meta["targets"]:
+            files.append((f"{split}_targets.bin", np.int32, -1, V - 1))
+        for file, dtype, low, high in files:
+            path = folder / file
+            size = path.stat().st_size if path.is_file() else 0
+            n, rest = divmod(size, np.dtype(dtype).itemsize)
+            if n != meta[f"{split}_tokens"] or rest:
+                raise Fail(f"{path} holds {size:,} bytes, not the {meta[f'{split}_tokens']:,} values of "
+                           f"{np.dtype(dtype).itemsize} bytes meta.json promises; prepare the dataset again")
+            values = np.memmap(path, dtype=dtype, mode="r")
+            for i in range(0, n, 1 << 26):        # a streaming pass: cheap, and never the whole file in memory
+                chunk = values[i:i + (1 << 26)]
+                if chunk.min() < low or chunk.max() > high:
+                    raise Fail(f"{path} holds values outside [{low}, {high}], which the vocabulary of {V} does "
+                               "not allow; prepare the dataset again")
+        if windows(meta, split, block_size) < 1:
+            align = meta["align"]
+            raise Fail(f"{folder / split}.bin: its {meta[f'{split}_tokens']:,} tokens are fewer than block_size "
+                       f"{block_size} needs for one window{f' starting at a multiple of align {align}' if align > 1 else ''}"
+                       "; lower --block_size")
+    return meta
+
+
+def windows(meta, split, T):
+    """How many windows of T tokens a split offers. Window i starts at token i * align (align > 1: the dataset is
+    made of sequences of that length, and a window must start where a sequence does). Without a targets file a
+    window needs T + 1 tokens: its targets are its tokens shifted by one."""
+    return (meta[f"{split}_tokens"] - T - (0 if meta["targets"] else 1)) // meta["align"] + 1
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
 CKPT_KEYS = {"model": dict, "model_config": dict, "train_config": dict, "step": int}
 
 
@@ -129,17 +337,34 @@ def load_checkpoint(path):
     return ckpt
 
 
-def model_from(ckpt, path, config=None):
-    """The model a checkpoint describes (or `config`), with its weights; a one-line Fail when they do not match."""
+def model_from(ckpt, path, config=None, method=None):
+    """The model a checkpoint describes (or `config`, `method`), with its weights; a one-line Fail when they do not
+    match."""
     try:
-        model = build(ckpt.get("method", "ponderlm2"), config or PonderConfig(**ckpt["model_config"]))
+        model = build(method or ckpt.get("method", "ponderlm2"), config or PonderConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise Fail(f"{path} does not match the model it describes ({str(e).splitlines()[0][:200]})") from None
+        why = " ".join(str(e).split())[:200]
+        if config is None:
+            raise Fail(f"{path} does not match the model it describes ({why})") from None
+        raise Fail(f"the weights in {path} do not fit a {method} model with these settings ({why})") from None
     return model
 
 
-# ---- the run folder: one run at a time, a log that survives crashes, checkpoints never half-written ------------
+def load_optimizer_state(optimizer, state, path):
+    """Continue an optimizer from its saved state, but with the options it was made with now (weight decay, betas):
+    a resumed run uses the options it is given, not those of its checkpoint."""
+    now = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    if not isinstance(state, dict):
+        raise Fail(f"{path} has no optimizer state to continue from (it was not saved by a training run); use "
+                   "--init_from=PATH to start a new run from its weights")
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise Fail(f"the optimizer state in {path} does not match the model ({e}); use another --out_dir") from None
+    for group, options in zip(optimizer.param_groups, now):
+        group.update(options)
+
 
 def save_checkpoint(path, state):
     """Write to a temporary file of this process, flush it to disk, then rename: a crash or a full disk leaves the
@@ -161,11 +386,88 @@ def save_checkpoint(path, state):
         Path(tmp).unlink(missing_ok=True)
 
 
+def source_path(init_from):
+    """--init_from=PATH: a checkpoint file, or a folder holding ckpt.pt (a run) or config.json (Hugging Face)."""
+    path = Path(init_from)
+    return path / "ckpt.pt" if path.is_dir() and not (path / "config.json").exists() else path
+
+
+def load_source(path):
+    """The weights to start a new run from, as a checkpoint-like dict: a train.py checkpoint, or a local copy of a
+    Hugging Face GPT-NeoX checkpoint (a folder with config.json), mapped to this repository's names."""
+    if not (path.is_dir() and (path / "config.json").exists()):
+        return load_checkpoint(path)
+    import pretrained
+    try:
+        config, weights = pretrained.load_neox(path)
+    except (ValueError, OSError) as e:
+        raise Fail(f"cannot start from {path}: {e}") from None
+    return dict(model=weights, model_config=config, method="ponderlm2", step=0, train_config={},
+                tokenizer=pretrained.tokenizer_name(path))
+
+
+def start_config(cfg, given, run, config_class):
+    """Where this run starts: (the config, the checkpoint to resume or None, the source to start from or None).
+    - The checkpoint in out_dir, if there is one (unless --init_from=scratch): its settings, except the options
+      given now and those that describe this machine. The model must match.
+    - --init_from=PATH, and nothing in out_dir yet: a new run from PATH's weights. The model settings come from the
+      source, except those that only change how the same weights are used (K, the thought solve, block_size: the
+      rotary tables are derived, and the method); the shape must stay. The embedding scale the source was trained
+      with is kept unless --emb_scale is given.
+    - Otherwise a new run from scratch."""
+    from_path = cfg.init_from not in ("auto", "scratch", "resume")
+    resume = cfg.eval_only or cfg.init_from == "resume" or cfg.init_from != "scratch" and run.ckpt.exists()
+    if resume:
+        if not run.ckpt.exists():
+            raise Fail(f"no checkpoint at {run.ckpt} to resume; train one first (python train.py "
+                       f"--out_dir={run.path})")
+        ckpt = load_checkpoint(run.ckpt)
+        started_from = str(ckpt["train_config"].get("init_from"))
+        if from_path and Path(started_from).resolve() != Path(cfg.init_from).resolve():
+            raise Fail(f"{run.ckpt} holds a run that did not start from {cfg.init_from}; choose another --out_dir "
+                       "for the new run (or drop --init_from to resume this one)")
+        model = {**ckpt["model_config"], "method": ckpt.get("method", "ponderlm2")}
+        for key, old in model.items():
+            if key in given and key not in THOUGHT_KEYS and getattr(cfg, key) != old:
+                raise Fail(f"{run.ckpt} has {key}={old}, not {getattr(cfg, key)}; drop --{key} to resume it, or "
+                           "train the new model in another --out_dir")
+        names = {f.name for f in fields(config_class)} - SYSTEM_KEYS
+        saved = {k: v for k, v in {**ckpt["train_config"], **model}.items() if k in names}
+        cfg = config_class(**{**saved, **{k: getattr(cfg, k) for k in given | SYSTEM_KEYS}})
+        if not from_path:
+            cfg.init_from = "resume"
+        return cfg, ckpt, None
+    if not from_path:
+        if cfg.arch == "neox":
+            use_defaults(cfg, given, "neox")
+        return cfg, None, None
+    path = source_path(cfg.init_from)
+    src = load_source(path)
+    model = {**src["model_config"], "method": src.get("method", "ponderlm2")}
+    free = THOUGHT_KEYS | {"n_thoughts", "block_size", "method", "emb_scale"}
+    for key, old in model.items():
+        if key in given and key not in free and getattr(cfg, key) != old:
+            raise Fail(f"cannot start from {path}: it has {key}={old}, not {getattr(cfg, key)}, and its weights "
+                       f"would not fit; drop --{key}")
+    old = build(model["method"], PonderConfig(**src["model_config"]))
+    scale = next(name for name, f in EMB_SCALES.items() if f(old.config.n_embd) == old.emb_scale)
+    taken = {k: v for k, v in model.items() if k not in given and k in {f.name for f in fields(config_class)}}
+    taken["emb_scale"] = cfg.emb_scale if "emb_scale" in given else scale
+    cfg = config_class(**{**vars(cfg), **taken})
+    if cfg.arch == "neox":
+        use_defaults(cfg, given, "neox", keep=taken)
+    return cfg, None, src
+
+
+# ---- the run folder: one run at a time, a log that survives crashes, checkpoints never half-written ------------
+
 class RunDir:
     """out_dir, as rank 0 sees it: ckpt.pt, log.jsonl, and a lock held for the whole run, so that a second run
     aimed at the same folder stops at once. The OS drops the lock when a process dies, even by kill -9."""
 
     def __init__(self, path):
+        if not str(path).strip():
+            raise Fail("--out_dir is empty (an unset shell variable?): name the folder for this run")
         self.path, self.lock, self.made = Path(path), None, False
         self.ckpt, self.log = self.path / "ckpt.pt", self.path / "log.jsonl"
 
@@ -192,6 +494,12 @@ class RunDir:
         self.lock.truncate()
         self.lock.write(str(os.getpid()))
         self.lock.flush()
+        if self.log.exists() and not self.log.is_file():
+            raise Fail(f"{self.log} is not a file; move it away so the run can write its log there")
+        for tmp in self.path.glob("*.tmp"):       # left by a process killed while saving (we hold the lock now)
+            pid = re.match(r".*\.(\d+)(-[0-9a-f]+)?\.tmp$", tmp.name)
+            if pid and not alive(int(pid.group(1))):
+                tmp.unlink(missing_ok=True)
 
     def release(self):
         """Drop the lock (closing the file does it). A folder this run made and left empty is removed again."""
@@ -214,7 +522,7 @@ class RunDir:
     def entries(self):
         """The log's entries; lines cut short by a crash, not UTF-8 or not JSON objects with a step are skipped."""
         out = []
-        for raw in self.log.read_bytes().splitlines() if self.log.exists() else []:
+        for raw in self.log.read_bytes().splitlines() if self.log.is_file() else []:
             try:
                 entry = json.loads(raw.decode("utf-8"))
             except ValueError:                    # UnicodeDecodeError is a ValueError
@@ -258,6 +566,16 @@ class RunDir:
 
     def saved_step(self):
         return load_checkpoint(self.ckpt)["step"]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True                               # it exists, but belongs to someone else
+    return True
 
 
 def lock_file(f):

@@ -689,7 +689,7 @@ def test_two_accumulating_ranks_equal_one_big_step(dataset, tmp_path):
     cfg = train.TrainConfig(**{**torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["train_config"],
                                "micro_batch": 3})
     torch.manual_seed(cfg.seed)
-    model = build("ponderlm2", PonderConfig(vocab_size=256, **{k: getattr(cfg, k) for k in train.MODEL_KEYS}))
+    model = build("ponderlm2", PonderConfig(vocab_size=256, **{k: getattr(cfg, k) for k in common.MODEL_KEYS}))
     meta = {**json.loads((Path(dataset) / "meta.json").read_text()), "folder": Path(dataset), "align": 1,
             "targets": False}
     val0 = train.evaluate(model, meta, cfg, "cpu", train.nullcontext(), 0, 1)      # 1 rank, micro-batch 3
@@ -744,14 +744,14 @@ def test_batch_layout_fits_any_number_of_ranks():
                                if f.metadata["gpu"] is not None})                     # the CUDA defaults
     assert (gpu.batch_tokens, gpu.micro_batch, gpu.block_size) == (32768, 64, 256)
     for world in range(1, 9):
-        micro, accum, tokens = train.batch_layout(gpu, set(), world)
+        micro, accum, tokens = common.batch_layout(gpu, set(), world)
         assert micro * accum * 256 * world == tokens and micro <= 64, world
         assert abs(tokens / 32768 - 1) < 0.05, (world, tokens)
-    assert train.batch_layout(gpu, set(), 1) == (64, 2, 32768) and train.batch_layout(gpu, set(), 8) == (16, 1, 32768)
-    assert train.batch_layout(train.TrainConfig(), set(), 1) == (8, 1, 1024)          # the CPU defaults
-    assert train.batch_layout(gpu, {"batch_tokens"}, 4) == (32, 1, 32768)             # given: kept exactly
+    assert common.batch_layout(gpu, set(), 1) == (64, 2, 32768) and common.batch_layout(gpu, set(), 8) == (16, 1, 32768)
+    assert common.batch_layout(train.TrainConfig(), set(), 1) == (8, 1, 1024)          # the CPU defaults
+    assert common.batch_layout(gpu, {"batch_tokens"}, 4) == (32, 1, 32768)             # given: kept exactly
     with pytest.raises(train.Fail, match="not a multiple"):
-        train.batch_layout(gpu, {"batch_tokens", "micro_batch"}, 3)
+        common.batch_layout(gpu, {"batch_tokens", "micro_batch"}, 3)
 
 
 def test_bf16_only_where_the_gpu_has_it(monkeypatch):
@@ -766,7 +766,7 @@ def test_peak_flops_table(monkeypatch):
     for name, peak in [("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
                        ("NVIDIA A10G", None), ("NVIDIA A10", 125e12), ("NVIDIA H200", 989e12)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda name=name: name)
-        assert train.peak_flops("cuda", "bfloat16") == peak, name
+        assert common.peak_flops("cuda", "bfloat16") == peak, name
 
 
 # ---- nothing lost, nothing mixed ------------------------------------------------------------------------------
@@ -899,7 +899,7 @@ def test_out_of_gpu_memory_names_the_micro_batch(dataset, tmp_path, monkeypatch)
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "train_step", oom)
+    monkeypatch.setattr(train, "get_batch", oom)
     with pytest.raises(train.Fail, match="out of GPU memory at --micro_batch=4: use a smaller one.*ckpt.pt is kept"):
         train_run(dataset, tmp_path, "--max_iters=4", "--eval_interval=2")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
@@ -1087,7 +1087,7 @@ def test_clear_errors_from_train(dataset, tmp_path, capsys):
     ckpt = torch.load(tmp_path / "o3" / "ckpt.pt", weights_only=True)
     ckpt["model"]["lm_head.weight"] = torch.zeros(3, 3)
     torch.save(ckpt, tmp_path / "o3" / "ckpt.pt")
-    with pytest.raises(train.Fail, match="does not match"):
+    with pytest.raises(train.Fail, match="do not fit a ponderlm2 model"):
         train_run(dataset, tmp_path / "o3", "--max_iters=2")
     (tmp_path / "o3" / "ckpt.pt").write_bytes(b"\x00not a checkpoint")
     with pytest.raises(train.Fail, match="not a readable checkpoint"):
@@ -1300,7 +1300,7 @@ def masked_dataset(folder, n_seqs=40, L=12, vocab=7, seed=0):
 
 def test_per_token_targets_and_aligned_windows(tmp_path):
     data = masked_dataset(tmp_path / "sums")
-    meta = train.load_meta(train.TrainConfig(dataset=str(data), block_size=12), True)
+    meta = common.load_dataset(str(data), 12, True)
     cfg = train.TrainConfig(block_size=12, micro_batch=4, eval_windows=10)
     offsets = np.concatenate([train.train_offsets(meta, cfg, s, 0) for s in range(20)])
     assert (offsets % 12 == 0).all() and offsets.max() <= 40 * 12 - 12 and len(set(offsets)) > 10
@@ -1318,7 +1318,7 @@ def test_per_token_targets_and_aligned_windows(tmp_path):
     expected = F.cross_entropy(logits[:, 1::2].flatten(0, 1), vy[:, 1::2].flatten())
     assert val == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(train.Fail, match="fewer than block_size"):
-        train.load_meta(train.TrainConfig(dataset=str(data), block_size=600), True)
+        common.load_dataset(str(data), 600, True)
     (data / "val_targets.bin").write_bytes(b"\0" * 8)
-    with pytest.raises(train.Fail, match="val_targets.bin holds 2 tokens"):
-        train.load_meta(train.TrainConfig(dataset=str(data), block_size=12), True)
+    with pytest.raises(train.Fail, match="val_targets.bin holds 8 bytes, not the 120 values"):
+        common.load_dataset(str(data), 12, True)
