@@ -267,8 +267,8 @@ def load_dataset(name, block_size, master):
             prepare_stdlib(folder)
         except FileExistsError:                   # another run prepared it meanwhile
             pass
-        except OSError as e:
-            raise Fail(f"cannot prepare the default corpus in {folder}: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:
+            raise Fail(f"cannot prepare the default corpus in {folder}: {getattr(e, 'strerror', None) or e}") from None
     if dist.is_initialized():
         dist.barrier()
     if not (folder / "meta.json").exists():
@@ -400,10 +400,10 @@ def load_source(path):
     import pretrained
     try:
         config, weights = pretrained.load_neox(path)
+        tokenizer = pretrained.tokenizer_name(path)
     except (ValueError, OSError) as e:
         raise Fail(f"cannot start from {path}: {e}") from None
-    return dict(model=weights, model_config=config, method="ponderlm2", step=0, train_config={},
-                tokenizer=pretrained.tokenizer_name(path))
+    return dict(model=weights, model_config=config, method="ponderlm2", step=0, train_config={}, tokenizer=tokenizer)
 
 
 def start_config(cfg, given, run, config_class):

@@ -247,7 +247,8 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Pick the next token from logits (B, V): argmax at temperature 0, else sample from the top_k softmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature   # <= 0: no overflow at a tiny T
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, -float("inf"))

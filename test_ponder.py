@@ -551,7 +551,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 import train  # noqa: E402
-from data.prepare import ByteTokenizer, prepare_documents, prepare_text  # noqa: E402
+from data.prepare import ByteTokenizer, claim, prepare_documents, prepare_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # é ✓\n\n" for i in range(200))
@@ -562,7 +562,7 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--micro_
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A small byte-level dataset of 30 documents (so that val gets whole documents)."""
-    out = tmp_path_factory.mktemp("data") / "tiny"
+    out, _ = claim(tmp_path_factory.mktemp("data") / "tiny", force=False)
     prepare_documents(out, [TEXT[i * 300:(i + 1) * 300 + 700].encode() for i in range(30)], ByteTokenizer(), "test")
     return str(out)
 

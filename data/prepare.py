@@ -2,19 +2,22 @@
 Prepare a dataset for train.py: data/<name>/train.bin and val.bin (token ids, uint16) and meta.json.
 
     python data/prepare.py stdlib                          # the default corpus: this Python's standard library
-    python data/prepare.py text PATH [--name=N] [--tokenizer=bytes|gpt2]    # a text file or a folder of them
+    python data/prepare.py text PATH [--name=N] [--tokenizer=bytes|gpt2|DIR]    # a text file or a folder of them
     python data/prepare.py tinystories                     # TinyStories, ~2 GB download, GPT-2 BPE
 
-An existing dataset is never overwritten unless --force is given.
-The standard library is a real corpus (about 12 MB of Python on 3.11) that every machine running this project
-already has, so the default run needs no network. It is tokenized at the byte level (vocab 256). meta.json is
-written last: a folder without it is an unfinished preparation, and train.py treats it as missing.
+An existing dataset is never overwritten unless --force is given. The standard library is a real corpus (about
+12 MB of Python on 3.11) that every machine running this project already has, so the default run needs no network.
+It is tokenized at the byte level (vocab 256). --tokenizer=DIR uses the tokenizer.json of a local Hugging Face
+checkpoint folder (for continued pretraining from it; needs `pip install tokenizers`). meta.json is written last: a
+folder without it is an unfinished preparation, and train.py treats it as missing. Datasets with per-token targets
+(train_targets.bin, "targets": true, "align": L) are described in docs/training.md; data/groups.py makes some.
 """
 
 import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import sysconfig
 import urllib.error
@@ -35,10 +38,10 @@ class ByteTokenizer:
     name, vocab_size, eot = "bytes", 256, None
 
     def encode(self, text):
-        return list(text.encode("utf-8")) if isinstance(text, str) else list(text)
+        return list(text.encode("utf-8") if isinstance(text, str) else text)
 
     def token_bytes(self, i):
-        return bytes([i])
+        return bytes([i]) if 0 <= i < 256 else b""
 
     def decode(self, ids):
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
@@ -59,13 +62,37 @@ class GPT2Tokenizer(ByteTokenizer):
         return self.enc.encode_ordinary(text if isinstance(text, str) else text.decode("utf-8", errors="replace"))
 
     def token_bytes(self, i):
-        return self.enc.decode_single_token_bytes(i) if i < self.vocab_size else b""
+        return self.enc.decode_single_token_bytes(i) if 0 <= i < self.vocab_size else b""
+
+
+class IdTokenizer(ByteTokenizer):
+    """Token ids as numbers: for synthetic datasets whose tokens are not text (data/groups.py)."""
+    name, vocab_size, eot = "ids", None, None
+
+    def encode(self, text):
+        text = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+        try:
+            return [int(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"this dataset's tokens are numbers: give the prompt as ids, e.g. '3 14 7', not {text!r}"
+                             ) from None
+
+    def token_bytes(self, i):
+        return f"{i} ".encode()
 
 
 def get_tokenizer(name):
-    if name not in ("bytes", "gpt2"):
-        raise ValueError(f"unknown tokenizer {name!r}: use bytes or gpt2")
-    return ByteTokenizer() if name == "bytes" else GPT2Tokenizer()
+    """bytes, gpt2, ids, or the path of a Hugging Face tokenizer.json (or of the folder holding it)."""
+    simple = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer, "ids": IdTokenizer}
+    if name in simple:
+        return simple[name]()
+    path = Path(name)
+    if not (path.is_file() or (path / "tokenizer.json").is_file()):
+        raise ValueError(f"unknown tokenizer {name!r}: use bytes, gpt2, or a folder with a tokenizer.json"
+                         + (" (the checkpoint's tokenizer was there, and is gone)" if path.name == "tokenizer.json"
+                            else ""))
+    import pretrained
+    return pretrained.HFTokenizer(path)
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -85,23 +112,24 @@ def write_tokens(path, chunks):
     return n
 
 
-def write_meta(out, tokenizer, n_train, n_val, source):
+def write_meta(out, tokenizer, n_train, n_val, source, **extra):
     meta = dict(tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, dtype="uint16", eot=tokenizer.eot,
-                train_tokens=n_train, val_tokens=n_val, source=source)
+                train_tokens=n_train, val_tokens=n_val, source=source, **extra)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"{out}: {n_train:,} train and {n_val:,} val tokens ({tokenizer.name})")
     return meta
 
 
-def claim(out, force):
+def claim(out, force, command=""):
     """Make the folder for a new dataset; an existing one (meta.json present) only with force. meta.json goes
     first, so that a preparation cut short leaves a folder train.py treats as missing."""
     out = Path(out)
     if (out / "meta.json").exists() and not force:
-        raise ValueError(f"{out} already holds a dataset; choose another --name, or pass --force to replace it")
+        raise FileExistsError(f"{out} already holds a dataset; pass --force to replace it{command}")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
-    return out
+    return out, made
 
 
 def dataset_name(name):
@@ -111,22 +139,60 @@ def dataset_name(name):
     return DATA_DIR / name
 
 
-def prepare_documents(out, docs, tokenizer, source, force=True):
-    """Tokenize documents (bytes) into out/. With 20 or more, every 20th goes to val; else the last 10% of tokens."""
-    out = claim(out, force)
+def pieces(text, size=1 << 20):
+    """A long text in pieces of about `size` characters, each cut just after a newline that a non-space follows:
+    a BPE tokenizer never joins tokens across such a place, so the pieces tokenize as the whole would."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.find("\n", start + size)
+        while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
+            cut = text.find("\n", cut + 1)
+        if cut == -1:
+            break
+        yield text[start:cut + 1]
+        start = cut + 1
+    yield text[start:]
+
+
+def prepare_documents(out, docs, tokenizer, source, count=None):
+    """Tokenize documents (bytes; any iterable) into out/, which the caller has claimed. One document at a time is
+    in memory, its tokens go straight to disk. With 20 or more, every 20th goes to val; else the last 10% of
+    tokens. Both splits must hold something."""
     sep = [tokenizer.eot] if tokenizer.eot is not None else []
-    ids = [tokenizer.encode(d) + sep for d in tqdm(docs, desc=f"tokenizing {out.name}", unit="doc", leave=False)]
-    if sum(len(x) for x in ids) - len(sep) * len(ids) < 2:
-        raise ValueError(f"{source} holds no text to train on")
-    if len(ids) >= 20:
-        train, val = [x for i, x in enumerate(ids) if i % 20 != 19], [x for i, x in enumerate(ids) if i % 20 == 19]
-    else:
-        flat = [t for x in ids for t in x]
-        cut = int(0.9 * len(flat))
-        train, val = [flat[:cut]], [flat[cut:]]
-    n_train = write_tokens(out / "train.bin", train)
-    n_val = write_tokens(out / "val.bin", val)
-    return write_meta(out, tokenizer, n_train, n_val, source)
+    lengths, everything = [], out / f"all.{os.getpid()}.tmp"
+
+    def tokens():
+        for doc in tqdm(docs, desc=f"tokenizing {out.name}", unit="doc", leave=False, total=count):
+            if type(tokenizer) is ByteTokenizer:
+                ids = [np.frombuffer(doc, dtype=np.uint8)]      # bytes are their own ids: no Python list
+            else:                                       # BPE on a long document: a piece at a time
+                ids = [tokenizer.encode(p) for p in pieces(doc.decode("utf-8", errors="replace"))]
+            lengths.append(sum(len(x) for x in ids) + len(sep))
+            yield from ids
+            yield sep
+
+    try:
+        write_tokens(everything, tokens())
+        if sum(lengths) - len(sep) * len(lengths) < 2:
+            raise ValueError(f"{source} holds no text to train on")
+        all_ids = np.memmap(everything, dtype=np.uint16, mode="r")
+        ends = np.cumsum(lengths)
+        spans = list(zip(ends - lengths, ends))
+        if len(spans) >= 20:                   # whole documents: every 20th to val
+            split = {"train": [s for i, s in enumerate(spans) if i % 20 != 19],
+                     "val": [s for i, s in enumerate(spans) if i % 20 == 19]}
+        else:
+            cut = int(0.9 * ends[-1])
+            split = {"train": [(0, cut)], "val": [(cut, ends[-1])]}
+        n = {name: write_tokens(out / f"{name}.bin", (all_ids[a:b] for a, b in s)) for name, s in split.items()}
+        del all_ids
+    finally:
+        everything.unlink(missing_ok=True)
+    if min(n.values()) == 0:
+        empty = min(n, key=n.get)
+        raise ValueError(f"{source} gives an empty {empty} split (every 20th document goes to val, and those are "
+                         "empty); add text, or put it in fewer files")
+    return write_meta(out, tokenizer, n["train"], n["val"], source)
 
 
 # ---- the datasets ----------------------------------------------------------------------------------------------
@@ -143,9 +209,10 @@ def stdlib_files():
 
 def prepare_stdlib(out=DATA_DIR / "stdlib", force=False):
     root, files = stdlib_files()
-    claim(out, force)
-    docs = [f"# ==== {f.relative_to(root)} ====\n".encode() + f.read_bytes() for f in files]
-    return prepare_documents(out, docs, ByteTokenizer(), f"{len(files)} .py files of {root}")
+    out, made = claim(out, force)
+    with cleanup(out, made):
+        docs = (f"# ==== {f.relative_to(root)} ====\n".encode() + f.read_bytes() for f in files)
+        return prepare_documents(out, docs, ByteTokenizer(), f"{len(files)} .py files of {root}", len(files))
 
 
 def prepare_text(path, out=None, tokenizer="bytes", force=False):
@@ -159,8 +226,30 @@ def prepare_text(path, out=None, tokenizer="bytes", force=False):
         raise FileNotFoundError(f"{path} holds no files")
     if not any(f.stat().st_size for f in files):
         raise ValueError(f"{path} is empty: nothing to train on")
-    out = claim(out or dataset_name(path.resolve().stem), force)
-    return prepare_documents(out, [f.read_bytes() for f in files], get_tokenizer(tokenizer), str(path.resolve()))
+    if out is None:
+        try:
+            out = dataset_name(path.resolve().stem)
+        except ValueError:
+            raise ValueError(f"cannot name a dataset after {path.name!r}: give --name=NAME") from None
+    tok = get_tokenizer(tokenizer)          # before the folder is made: a tokenizer that cannot load leaves nothing
+    out, made = claim(out, force, ", or choose another --name")
+    with cleanup(out, made):
+        return prepare_documents(out, (f.read_bytes() for f in files), tok, str(path.resolve()), len(files))
+
+
+class cleanup:
+    """A preparation that fails leaves nothing behind in a folder it made (except downloads, which resume)."""
+
+    def __init__(self, out, made):
+        self.out, self.made = out, made
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is not None and self.made and not any(p.suffix == ".part" or p.suffix == ".txt"
+                                                      for p in self.out.iterdir()):
+            shutil.rmtree(self.out, ignore_errors=True)
 
 
 def download(url, dest):
@@ -217,14 +306,15 @@ def tokenize_file(src, dst, chunk_bytes=4 << 20):
 
 
 def prepare_tinystories(out=DATA_DIR / "tinystories", force=False):
-    claim(out, force)
     tok = GPT2Tokenizer()                   # fails early and clearly when its vocabulary cannot be fetched
-    n = {}
-    for split, file in [("val", "valid"), ("train", "train")]:
-        raw = out / f"{file}.txt"
-        download(TINYSTORIES.format(file), raw)
-        n[split] = tokenize_file(raw, out / f"{split}.bin")
-    return write_meta(out, tok, n["train"], n["val"], TINYSTORIES.format("{train,valid}"))
+    out, made = claim(out, force)
+    with cleanup(out, made):
+        n = {}
+        for split, file in [("val", "valid"), ("train", "train")]:
+            raw = out / f"{file}.txt"
+            download(TINYSTORIES.format(file), raw)
+            n[split] = tokenize_file(raw, out / f"{split}.bin")
+        return write_meta(out, tok, n["train"], n["val"], TINYSTORIES.format("{train,valid}"))
 
 
 def main(argv=None):
@@ -234,7 +324,8 @@ def main(argv=None):
     t = sub.add_parser("text", help="a local text file or folder of files")
     t.add_argument("path")
     t.add_argument("--name", help="dataset name under data/ (default: the file or folder name)")
-    t.add_argument("--tokenizer", choices=["bytes", "gpt2"], default="bytes")
+    t.add_argument("--tokenizer", default="bytes", help="bytes (default), gpt2, or a local Hugging Face checkpoint "
+                                                        "folder with a tokenizer.json (needs `pip install tokenizers`)")
     sub.add_parser("tinystories", help="TinyStories V2 (downloads ~2 GB), GPT-2 BPE")
     for parser in sub.choices.values():
         parser.add_argument("--force", action="store_true", help="replace the dataset if it exists")
@@ -246,7 +337,7 @@ def main(argv=None):
             prepare_text(args.path, args.name and dataset_name(args.name), args.tokenizer, args.force)
         else:
             prepare_tinystories(force=args.force)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
+    except (RuntimeError, FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: {e.strerror or e} ({e.filename or ''}); the dataset is unfinished (no meta.json): run the "
