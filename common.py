@@ -159,6 +159,26 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class Console:
+    """print, for rank 0 only. If standard output cannot be written (`> /dev/full`, a closed pipe), one warning goes
+    to stderr and the run goes on: what it prints is also in log.jsonl."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __call__(self, *args):
+        if not self.on:
+            return
+        try:
+            print(*args, flush=True)
+        except OSError as e:
+            self.on = False
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
+            if sys.stderr is not None:
+                print(f"warning: cannot write to standard output ({e.strerror or e}); training goes on, and its "
+                      "log is in log.jsonl", file=sys.stderr, flush=True)
+
+
 def out_of_memory(micro_batch, run, error):
     where = "GPU " if isinstance(error, torch.cuda.OutOfMemoryError) else ""
     kept = f"; {run.ckpt} is kept" if run.ckpt.exists() else ""
@@ -201,7 +221,7 @@ class StopRequest:
     through torchrun, which passes on what it gets. That is one request.) The ranks must stop at the same step even
     if only one was signalled, so after every step they agree by an all-reduce of one number on the CPU (a gloo
     group: no GPU synchronisation). Call it after every step: True when the run should stop."""
-    SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
     def __init__(self, ddp):
         self.asked = None                         # when the first signal came

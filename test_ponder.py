@@ -4,6 +4,7 @@ Run with `python -m pytest -q` from the repository root.
 """
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -1322,3 +1323,205 @@ def test_per_token_targets_and_aligned_windows(tmp_path):
     (data / "val_targets.bin").write_bytes(b"\0" * 8)
     with pytest.raises(train.Fail, match="val_targets.bin holds 8 bytes, not the 120 values"):
         common.load_dataset(str(data), 12, True)
+
+
+# ---- misuse, round two --------------------------------------------------------------------------------------------
+
+def test_sighup_stops_after_the_step_and_saves(dataset, tmp_path):
+    """Closing the terminal (SIGHUP) is a stop request like SIGTERM: the step finishes, a checkpoint is saved."""
+    p = subprocess.Popen([sys.executable, "train.py", f"--dataset={dataset}", f"--out_dir={tmp_path}", *TINY,
+                          "--max_iters=100000", "--eval_interval=100000"], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for(p, "step 3/")
+    p.send_signal(signal.SIGHUP)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and err == "", err
+    step = int(out.split("stopped at step ")[1].split(";")[0])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
+
+
+def test_a_failed_fresh_start_moves_nothing(dataset, tmp_path):
+    """--init_from=scratch with an option the dataset cannot serve fails before the old run is set aside, so the
+    next plain command resumes it."""
+    train_run(dataset, tmp_path, "--max_iters=2", "--eval_interval=2")
+    with pytest.raises(train.Fail, match="fewer than block_size"):
+        train_run(dataset, tmp_path, "--init_from=scratch", "--block_size=100000")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "lock", "log.jsonl"]
+    train_run(dataset, tmp_path, "--max_iters=3")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(dataset, tmp_path):
+    """kill -9 during a save leaves ckpt.pt.<pid>-<hex>.tmp; the next run in the folder removes those of dead
+    processes (and never one of a live process)."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"ckpt.pt.{int(dead.stdout)}-0a1b2c3d.tmp"
+    live = tmp_path / f"ckpt.pt.{os.getpid()}-0a1b2c3d.tmp"
+    tmp_path.mkdir(exist_ok=True)
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    train_run(dataset, tmp_path, "--max_iters=1")
+    assert not stale.exists() and live.exists()
+
+
+def test_an_empty_out_dir_or_log_folder_is_refused(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(train.Fail, match="--out_dir is empty"):
+        train_run(dataset, "", "--max_iters=1")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "run" / "log.jsonl").mkdir(parents=True)
+    with pytest.raises(train.Fail, match="log.jsonl is not a file"):
+        train_run(dataset, tmp_path / "run", "--max_iters=1")
+
+
+@pytest.mark.parametrize("damage", ["odd train.bin", "id past the vocabulary", "no tokenizer", "vocab as text",
+                                    "not an object"])
+def test_a_damaged_dataset_is_one_line_before_any_work(dataset, tmp_path, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(dataset, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    if damage == "odd train.bin":
+        with open(bad / "train.bin", "ab") as f:
+            f.write(b"\0")
+    elif damage == "id past the vocabulary":
+        ids = np.fromfile(bad / "val.bin", dtype=np.uint16)
+        ids[7] = 300
+        ids.tofile(bad / "val.bin")
+    elif damage == "no tokenizer":
+        del meta["tokenizer"]
+    elif damage == "vocab as text":
+        meta["vocab_size"] = "256"
+    if damage in ("no tokenizer", "vocab as text"):
+        (bad / "meta.json").write_text(json.dumps(meta))
+    if damage == "not an object":
+        (bad / "meta.json").write_text("[1, 2]")
+    with pytest.raises(train.Fail) as e:
+        train_run(str(bad), tmp_path / "out", "--max_iters=1")
+    assert "\n" not in str(e.value) and ("prepare the dataset again" in str(e.value)), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_without_torchrun_is_one_line(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(train.Fail, match="RANK is set, but not LOCAL_RANK.*torchrun"):
+        train_run(dataset, tmp_path, "--max_iters=1")
+
+
+def test_out_of_cpu_memory_is_one_line(dataset, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 123456789 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(train, "get_batch", oom)
+    with pytest.raises(train.Fail, match="^out of memory at --micro_batch=4: use a smaller one"):
+        train_run(dataset, tmp_path, "--max_iters=1")
+
+
+def test_training_goes_on_when_stdout_is_full(dataset, tmp_path):
+    """train.py > /dev/full: a warning on stderr, and the run trains and saves; its log.jsonl has every line."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "train.py", f"--dataset={dataset}", f"--out_dir={tmp_path}", *TINY,
+                                 "--max_iters=2", "--eval_interval=2"], cwd=REPO, stdout=full, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("\n") == 1 and "standard output" in result.stderr, result.stderr
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_eval_windows_beyond_the_split(dataset, tmp_path, capsys):
+    with pytest.raises(train.Fail, match="--eval_windows=2000000000 .* the val split holds"):
+        train_run(dataset, tmp_path / "a", "--eval_windows=2e9", "--max_iters=1")
+    train_run(dataset, tmp_path / "b", "--eval_windows=3000", "--max_iters=1")
+    assert "note: the val split holds" in capsys.readouterr().out
+
+
+def test_eval_only_on_weights_without_optimizer_state(dataset, tmp_path):
+    train_run(dataset, tmp_path, "--max_iters=1")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del ckpt["optimizer"]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    val = train_run(dataset, tmp_path, "--eval_only")
+    assert math.isfinite(val["val_loss"])
+    with pytest.raises(train.Fail, match="no optimizer state to continue from"):
+        train_run(dataset, tmp_path, "--max_iters=2")
+
+
+def test_dataset_names_resolve_from_anywhere(dataset, tmp_path, monkeypatch):
+    """--dataset=tiny/ and --dataset=data/tiny from another directory both find data/tiny."""
+    repo = tmp_path / "repo"
+    shutil.copytree(dataset, repo / "data" / "tiny")
+    monkeypatch.setattr(common, "REPO", repo)
+    monkeypatch.setattr(common, "DATA_DIR", repo / "data")
+    monkeypatch.chdir(tmp_path)
+    for name in ["tiny/", "data/tiny", "tiny"]:
+        assert common.load_dataset(name, 16, True)["folder"] == repo / "data" / "tiny", name
+
+
+def test_sample_output_streams(trained, tmp_path):
+    """sample.py > /dev/full and >&- are one line on stderr; with 2>&- the notes never land in the text."""
+    args = [sys.executable, "sample.py", f"--out_dir={trained}", "--num_samples=1", "--max_new_tokens=5"]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(args, cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("error: cannot write the text")
+    assert "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 1 and "standard output is closed" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                       preexec_fn=lambda: os.close(2))
+    assert r.returncode == 0 and "sample 1/1" not in r.stdout and "tokens/s" not in r.stdout, r.stdout
+
+
+def test_sample_seeds_temperatures_and_prompt_files(trained, capsys):
+    greedy = sample.main([f"--out_dir={trained}", "--temperature=0", "--num_samples=1", "--max_new_tokens=8"])
+    tiny_t = sample.main([f"--out_dir={trained}", "--temperature=1e-40", "--num_samples=1", "--max_new_tokens=8"])
+    assert tiny_t == greedy                           # a vanishing temperature is greedy, not nan
+    for seed in ["-5", "18446744073709551616"]:
+        with pytest.raises(train.Fail, match="--seed must be within"):
+            sample.main([f"--out_dir={trained}", f"--seed={seed}"])
+    with pytest.raises(train.Fail, match="needs a file name after the colon"):
+        sample.main([f"--out_dir={trained}", "--start=FILE:"])
+
+
+def test_prepare_messages_and_empty_splits(tmp_path, monkeypatch):
+    import data.prepare as prep
+    monkeypatch.setattr(prep, "DATA_DIR", tmp_path / "data")
+    (tmp_path / "data" / "stdlib").mkdir(parents=True)
+    (tmp_path / "data" / "stdlib" / "meta.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a dataset; pass --force to replace it$"):
+        prep.prepare_stdlib.__defaults__ = (tmp_path / "data" / "stdlib", False)
+        prep.main(["stdlib"])
+    hidden = tmp_path / ".hidden.txt"
+    hidden.write_text(TEXT)
+    with pytest.raises(SystemExit, match="cannot name a dataset after '.hidden.txt': give --name=NAME"):
+        prep.main(["text", str(hidden)])
+    docs = tmp_path / "docs"                            # every 20th document (the val split) is empty
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i:02d}.txt").write_text("" if i % 20 == 19 else TEXT[:200])
+    with pytest.raises(SystemExit, match="empty val split"):
+        prep.main(["text", str(docs)])
+    assert not (tmp_path / "data" / "docs").exists()
+
+    def offline():
+        raise RuntimeError("the gpt2 tokenizer needs its vocabulary, which tiktoken downloads on first use")
+
+    monkeypatch.setattr(prep, "GPT2Tokenizer", offline)
+    with pytest.raises(SystemExit, match="downloads on first use"):
+        prep.main(["text", str(hidden), "--name=g", "--tokenizer=gpt2"])
+    with pytest.raises(SystemExit, match="downloads on first use"):
+        prep.main(["tinystories"])
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["stdlib"]
+
+
+def test_prepare_text_streams_a_big_file(tmp_path):
+    """A 40 MB text file is prepared with far less memory than the old 29x the file's size."""
+    big = tmp_path / "big.txt"
+    big.write_bytes((TEXT.encode() * 2000)[:40_000_000])
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from data.prepare import prepare_text; "
+            "prepare_text(sys.argv[2], out=sys.argv[3]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code, str(REPO), str(big), str(tmp_path / "big")], capture_output=True,
+                       text=True, check=True)
+    peak_mb = int(r.stdout.split()[-1]) / 1024
+    assert peak_mb < 400, f"{peak_mb:.0f} MB"

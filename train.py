@@ -176,7 +176,7 @@ def main(argv=None):
     cfg, given = common.parse_options(TrainConfig, argv, "Train PonderLM-2 or a baseline.")
     rank, local_rank, world, ddp = common.ranks()       # torchrun starts one process per GPU and says which we are
     master = rank == 0                                  # rank 0 logs, writes the checkpoint and owns out_dir
-    log = print if master else (lambda *a, **k: None)
+    log = common.Console(master)
     device, kind, dtype = common.pick_device(cfg.device, cfg.dtype)
     if kind == "cuda":
         common.use_defaults(cfg, given, "gpu")          # a bigger model and batch where there is a GPU
@@ -202,6 +202,13 @@ def main(argv=None):
                            f"{cfg.dataset!r} needs {mconf.vocab_size} ({data['tokenizer']}); use a dataset made with "
                            "its tokenizer, or another --out_dir")
         cfg.micro_batch, accum, cfg.batch_tokens = common.batch_layout(cfg, given, world)
+        distinct = common.windows(data, "val", cfg.block_size)
+        if cfg.eval_windows > distinct:                 # more than the split has: they repeat
+            if cfg.eval_windows > 16 * distinct:
+                raise Fail(f"--eval_windows={cfg.eval_windows} but the val split holds {distinct:,} windows of "
+                           f"block_size {cfg.block_size}; use at most {distinct:,}")
+            log(f"note: the val split holds {distinct:,} windows of block_size {cfg.block_size}; "
+                f"--eval_windows={cfg.eval_windows:,} repeats some")
         if ckpt is None:
             cfg.lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters   # the schedule's length, kept on resume
             if master and (run.ckpt.exists() or run.log.exists()):     # only now that every check has passed
