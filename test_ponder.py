@@ -551,6 +551,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
+import pretrained  # noqa: E402
 import train  # noqa: E402
 from data.prepare import ByteTokenizer, claim, prepare_documents, prepare_text  # noqa: E402
 
@@ -1525,3 +1526,74 @@ def test_prepare_text_streams_a_big_file(tmp_path):
                        text=True, check=True)
     peak_mb = int(r.stdout.split()[-1]) / 1024
     assert peak_mb < 400, f"{peak_mb:.0f} MB"
+
+
+# ---- GPT-NeoX and Hugging Face checkpoint folders in train.py and sample.py ----------------------------------------
+
+def hf_dataset(folder, tokenizer, vocab, n=600, seed=0):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        rng.integers(0, vocab, size=n).astype(np.uint16).tofile(folder / f"{split}.bin")
+    (folder / "meta.json").write_text(json.dumps(dict(tokenizer=tokenizer, vocab_size=vocab, train_tokens=n,
+                                                      val_tokens=n)))
+    return folder
+
+
+def test_train_from_a_hugging_face_folder(tmp_path):
+    """--init_from=DIR (a GPT-NeoX folder): the weights arrive as the folder defines them (the new run's step-0
+    evaluation equals one made here from the loader's model), the neox settings come along (rotary_pct, scale 1,
+    J up to 4), K may change, and a dataset made with another tokenizer is refused."""
+    from tests_pending.test_neox import HF_CONFIG, hf_folder, hf_weights
+    cfg = {**HF_CONFIG, "vocab_size": 64, "max_position_embeddings": 16}
+    folder = hf_folder(tmp_path / "hf", hf_weights(cfg), cfg)
+    (folder / "tokenizer.json").write_text("{}")        # only its name is needed to train
+    data = hf_dataset(tmp_path / "data", str((folder / "tokenizer.json").resolve()), 64)
+    args = [f"--dataset={data}", f"--init_from={folder}", "--block_size=16", "--micro_batch=4", "--batch_tokens=64",
+            "--eval_windows=8", "--device=cpu", "--log_interval=1"]
+    train.main([*args, "--out_dir", str(tmp_path / "k0"), "--n_thoughts=0", "--max_iters=1"])
+    config, weights = pretrained.load_neox(folder)
+    model = PonderLM(PonderConfig(**{**config, "block_size": 16}))
+    model.load_state_dict(weights)
+    meta = common.load_dataset(str(data), 16, True)
+    expected = train.evaluate(model, meta, train.TrainConfig(block_size=16, micro_batch=4, eval_windows=8), "cpu",
+                              train.nullcontext(), 0, 1)
+    first = json.loads((tmp_path / "k0" / "log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(expected, abs=1e-6)
+    train.main([*args, "--out_dir", str(tmp_path / "k1"), "--n_thoughts=1", "--max_iters=2"])
+    ckpt = torch.load(tmp_path / "k1" / "ckpt.pt", weights_only=True)
+    mc, tc = ckpt["model_config"], ckpt["train_config"]
+    assert (mc["arch"], mc["rotary_pct"], mc["emb_scale"], mc["n_thoughts"], mc["jacobi_max"]) == ("neox", 0.25, "1", 1, 4)
+    assert ckpt["step"] == 2 and tc["init_from"] == str(folder)
+    other = hf_dataset(tmp_path / "bytes", "bytes", 64)
+    with pytest.raises(train.Fail, match="has a vocabulary of 64 .* needs 64 \\(bytes\\)"):
+        train.main([*args[1:], f"--dataset={other}", "--out_dir", str(tmp_path / "k2"), "--max_iters=1"])
+
+
+def test_prepare_and_sample_with_a_checkpoint_tokenizer(tmp_path):
+    """With the tokenizers package: prepare.py --tokenizer=DIR tokenizes text with the folder's tokenizer.json, and
+    sample.py --init_from=DIR samples from the folder itself, decoding with that tokenizer."""
+    tk = pytest.importorskip("tokenizers")
+    from tests_pending.test_neox import HF_CONFIG, hf_folder, hf_weights
+    cfg = {**HF_CONFIG, "vocab_size": 320, "max_position_embeddings": 32}
+    folder = hf_folder(tmp_path / "hf", hf_weights(cfg), cfg)
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], tk.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    src = tmp_path / "code.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    meta = prepare_text(src, out=tmp_path / "code", tokenizer=str(folder))
+    assert meta["tokenizer"] == str((folder / "tokenizer.json").resolve()) and meta["vocab_size"] <= 300
+    ids = np.fromfile(tmp_path / "code" / "train.bin", dtype=np.uint16)
+    assert tok.decode(ids[:50].tolist()) == TEXT[:len(tok.decode(ids[:50].tolist()))]
+    out = sample.main([f"--init_from={folder}", "--start=def f", "--num_samples=1", "--max_new_tokens=6",
+                       "--temperature=0"])
+    model = PonderLM(PonderConfig(**pretrained.load_neox(folder)[0]))
+    model.load_state_dict(pretrained.load_neox(folder)[1])
+    ids = tok.encode("def f").ids
+    for t in out[0]:                                   # greedy: each token is the argmax of the folder's model
+        assert t == model(torch.tensor([ids]))[0][0, -1].argmax().item()
+        ids.append(t)

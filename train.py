@@ -196,11 +196,12 @@ def main(argv=None):
         mconf = cfg.check(given)
         data = common.load_dataset(cfg.dataset, cfg.block_size, master)
         mconf.vocab_size = 64 * math.ceil(data["vocab_size"] / 64)    # padded to a multiple of 64 for fast matmuls
-        for what, other in [(run.ckpt, ckpt), (cfg.init_from, source)]:
-            if other is not None and other["model_config"]["vocab_size"] != mconf.vocab_size:
-                raise Fail(f"{what} has a vocabulary of {other['model_config']['vocab_size']}, dataset "
-                           f"{cfg.dataset!r} needs {mconf.vocab_size} ({data['tokenizer']}); use a dataset made with "
-                           "its tokenizer, or another --out_dir")
+        for what, other in [(run.ckpt, ckpt), (cfg.init_from, source)]:     # the weights must fit the data
+            if other is not None and (other["model_config"]["vocab_size"] != mconf.vocab_size
+                                      ):
+                raise Fail(f"{what} has a vocabulary of {other['model_config']['vocab_size']} "
+                           f"({other.get('tokenizer')}), dataset {cfg.dataset!r} needs {mconf.vocab_size} "
+                           f"({data['tokenizer']}); use a dataset made with its tokenizer, or another --out_dir")
         cfg.micro_batch, accum, cfg.batch_tokens = common.batch_layout(cfg, given, world)
         distinct = common.windows(data, "val", cfg.block_size)
         if cfg.eval_windows > distinct:                 # more than the split has: they repeat
@@ -221,7 +222,8 @@ def main(argv=None):
             model = common.model_from(ckpt or source, run.ckpt if ckpt else cfg.init_from, mconf, cfg.method)
         if source:
             log(f"starting from the weights of {cfg.init_from} (step {source['step']} of that run, K="
-                f"{source['model_config']['n_thoughts']}); the optimizer and the schedule start anew")
+                f"{source['model_config']['n_thoughts']}, token embeddings x {cfg.emb_scale} as there unless "
+                "--emb_scale says otherwise); the optimizer and the schedule start anew")
         model.to(device)
         # AdamW; weight decay on matrices (and embeddings) only, not on norms and biases
         params = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
