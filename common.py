@@ -221,7 +221,7 @@ class StopRequest:
     through torchrun, which passes on what it gets. That is one request.) The ranks must stop at the same step even
     if only one was signalled, so after every step they agree by an all-reduce of one number on the CPU (a gloo
     group: no GPU synchronisation). Call it after every step: True when the run should stop."""
-    SIGNALS = [signal.SIGINT, signal.SIGTERM]
+    SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
     def __init__(self, ddp):
         self.asked = None                         # when the first signal came

@@ -198,7 +198,7 @@ def main(argv=None):
         mconf.vocab_size = 64 * math.ceil(data["vocab_size"] / 64)    # padded to a multiple of 64 for fast matmuls
         for what, other in [(run.ckpt, ckpt), (cfg.init_from, source)]:     # the weights must fit the data
             if other is not None and (other["model_config"]["vocab_size"] != mconf.vocab_size
-                                      ):
+                                      or other.get("tokenizer", data["tokenizer"]) != data["tokenizer"]):
                 raise Fail(f"{what} has a vocabulary of {other['model_config']['vocab_size']} "
                            f"({other.get('tokenizer')}), dataset {cfg.dataset!r} needs {mconf.vocab_size} "
                            f"({data['tokenizer']}); use a dataset made with its tokenizer, or another --out_dir")
