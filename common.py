@@ -179,7 +179,12 @@ class Console:
                       "log is in log.jsonl", file=sys.stderr, flush=True)
 
 
-def out_of_memory(micro_batch, run, error):
+def out_of_memory(error, micro_batch, run):
+    """The one-line error for running out of memory (on a GPU, or in the CPU allocator, which raises a
+    RuntimeError); any other error is returned as it is, to be raised again."""
+    if isinstance(error, RuntimeError) and not isinstance(error, torch.cuda.OutOfMemoryError) \
+            and "can't allocate memory" not in str(error):
+        return error
     where = "GPU " if isinstance(error, torch.cuda.OutOfMemoryError) else ""
     kept = f"; {run.ckpt} is kept" if run.ckpt.exists() else ""
     return Fail(f"out of {where}memory at --micro_batch={micro_batch}: use a smaller one (--batch_tokens is kept by "
@@ -246,6 +251,30 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def check_fit(data, mconf, weights):
+    """The weights a run starts from ({where: checkpoint or None}) must have the dataset's vocabulary and tokenizer."""
+    for where, ckpt in weights.items():
+        if ckpt is not None and (ckpt["model_config"]["vocab_size"] != mconf.vocab_size
+                                 or ckpt.get("tokenizer", data["tokenizer"]) != data["tokenizer"]):
+            raise Fail(f"{where} has a vocabulary of {ckpt['model_config']['vocab_size']} ({ckpt.get('tokenizer')}), "
+                       f"dataset {data['folder'].name!r} needs {mconf.vocab_size} ({data['tokenizer']}); use a dataset "
+                       "made with its tokenizer, or another --out_dir")
+
+
+def summary(cfg, model, data, accum, world, device, dtype, compile, resuming, step):
+    """The three lines a run starts with: the model, the data and batch, the system."""
+    return "\n".join([
+        f"model: {cfg.method}, {model.num_params():,} parameters ({model.num_params(True):,} in blocks), "
+        f"K={cfg.n_thoughts}, {cfg.n_layer}x{cfg.n_embd}{' ' + cfg.arch if cfg.arch != 'llama' else ''}, block "
+        f"{cfg.block_size}, {model.flops_per_token() / 1e6:.1f} MFLOP per training token, "
+        f"{model.flops_per_token(training=False) / 1e6:.1f} MFLOP per decoded token",
+        f"data: {data['folder']} ({data['train_tokens']:,} train tokens, {data['tokenizer']}); "
+        f"{cfg.batch_tokens:,} tokens per step = {cfg.micro_batch} seqs x {cfg.block_size} x {world} ranks x "
+        f"{accum} accumulation",
+        f"system: {device}, {dtype}, compile {'on' if compile else 'off'}"
+        + (f"; resuming {resuming} at step {step}" if resuming else "")])
+
+
 def batch_layout(cfg, given, world):
     """(micro_batch, accumulation steps, batch_tokens). What the user set is kept exactly (an error if the ranks
     cannot share it); a default micro_batch shrinks until it divides batch_tokens over the ranks, and a default
@@ -273,9 +302,10 @@ def dataset_folder(name):
     return next((c for c in candidates if (c / "meta.json").exists()), DATA_DIR / Path(name).name)
 
 
-def load_dataset(name, block_size, master):
+def load_dataset(name, block_size, master, eval_windows=None):
     """A prepared dataset's meta.json, with "folder", "align" and "targets" filled in, after checking that its files
-    are whole and their values fit the vocabulary. The default stdlib corpus is prepared on first use (by rank 0;
+    are whole and their values fit the vocabulary, and that the val split can give eval_windows windows (more than
+    it holds repeat some; far more is refused). The default stdlib corpus is prepared on first use (by rank 0;
     the others wait)."""
     if not name.strip():
         raise Fail("--dataset is empty: give a folder under data/ (e.g. stdlib) or a path")
@@ -330,6 +360,13 @@ def load_dataset(name, block_size, master):
             raise Fail(f"{folder / split}.bin: its {meta[f'{split}_tokens']:,} tokens are fewer than block_size "
                        f"{block_size} needs for one window{f' starting at a multiple of align {align}' if align > 1 else ''}"
                        "; lower --block_size")
+    distinct = windows(meta, "val", block_size)
+    if eval_windows and eval_windows > 16 * distinct:
+        raise Fail(f"--eval_windows={eval_windows} but the val split holds {distinct:,} windows of block_size "
+                   f"{block_size}; use at most {distinct:,}")
+    if eval_windows and eval_windows > distinct and master:
+        print(f"note: the val split holds {distinct:,} windows of block_size {block_size}; "
+              f"--eval_windows={eval_windows:,} repeats some")
     return meta
 
 

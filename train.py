@@ -84,19 +84,15 @@ class TrainConfig:
 
     def check(self, given):
         """Every option, before any work (floats are already known to be finite). Returns the model's config."""
-        for name in ("eval_interval", "eval_windows", "log_interval", "batch_tokens", "micro_batch", "max_iters"):
-            if getattr(self, name) < 1:
-                raise Fail(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise Fail(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**63:
-            raise Fail(f"--seed must be within [0, 2**63), got {self.seed}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise Fail(f"--lr must be > 0 and --min_lr_ratio within [0, 1], got {self.lr} and {self.min_lr_ratio}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise Fail(f"--{name} must be within [0, 1), got {getattr(self, name)}")
+        ranges = {"eval_interval eval_windows log_interval batch_tokens micro_batch max_iters": (1, math.inf),
+                  "warmup_iters lr_decay_iters weight_decay grad_clip": (0, math.inf),
+                  "beta1 beta2": (0, 1), "seed": (0, 2**63), "min_lr_ratio": (0, 1 + 1e-12)}   # low <= value < high
+        for name in (n for names in ranges for n in names.split()):
+            low, high = next(r for names, r in ranges.items() if name in names.split())
+            if not low <= getattr(self, name) < high:
+                raise Fail(f"--{name} must be within [{low}, {high:.3g}), got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise Fail(f"--lr must be > 0, got {self.lr}")
         for name, allowed in dict(method=tuple(METHODS), compile=("auto", "true", "false")).items():
             if getattr(self, name) not in allowed:
                 raise Fail(f"--{name}={getattr(self, name)}: use {', '.join(allowed)}")
@@ -184,32 +180,22 @@ def main(argv=None):
     compile = kind == "cuda" and platform.system() == "Linux" if cfg.compile == "auto" else cfg.compile == "true"
     cfg.check(given)                                    # every option is checked before anything is touched
 
-    run = common.RunDir(cfg.out_dir)
+    run = common.RunDir(cfg.out_dir)                    # out_dir: ckpt.pt, log.jsonl, and a lock
     if master:
-        run.claim()                                     # a lock: a second run aimed at out_dir stops at once
+        run.claim()                                     # a second run aimed at the same folder stops here
     try:
         if ddp:
             device = common.join_process_group(kind, local_rank)
 
-        # ---- where the run starts: its checkpoint in out_dir, another run's weights, or scratch ------------------
+        # ---- where the run starts: out_dir's checkpoint (resume), another run's weights (--init_from), or scratch --
         cfg, ckpt, source = common.start_config(cfg, given, run, TrainConfig)
         mconf = cfg.check(given)
-        data = common.load_dataset(cfg.dataset, cfg.block_size, master)
+        data = common.load_dataset(cfg.dataset, cfg.block_size, master, cfg.eval_windows)
         mconf.vocab_size = 64 * math.ceil(data["vocab_size"] / 64)    # padded to a multiple of 64 for fast matmuls
-        for what, other in [(run.ckpt, ckpt), (cfg.init_from, source)]:     # the weights must fit the data
-            if other is not None and (other["model_config"]["vocab_size"] != mconf.vocab_size
-                                      or other.get("tokenizer", data["tokenizer"]) != data["tokenizer"]):
-                raise Fail(f"{what} has a vocabulary of {other['model_config']['vocab_size']} "
-                           f"({other.get('tokenizer')}), dataset {cfg.dataset!r} needs {mconf.vocab_size} "
-                           f"({data['tokenizer']}); use a dataset made with its tokenizer, or another --out_dir")
+        common.check_fit(data, mconf, {run.ckpt: ckpt, cfg.init_from: source})   # weights and data: one tokenizer
+        # The batch is given in tokens; the sequences per forward (micro_batch) and the gradient accumulation steps
+        # follow from it and the number of ranks.
         cfg.micro_batch, accum, cfg.batch_tokens = common.batch_layout(cfg, given, world)
-        distinct = common.windows(data, "val", cfg.block_size)
-        if cfg.eval_windows > distinct:                 # more than the split has: they repeat
-            if cfg.eval_windows > 16 * distinct:
-                raise Fail(f"--eval_windows={cfg.eval_windows} but the val split holds {distinct:,} windows of "
-                           f"block_size {cfg.block_size}; use at most {distinct:,}")
-            log(f"note: the val split holds {distinct:,} windows of block_size {cfg.block_size}; "
-                f"--eval_windows={cfg.eval_windows:,} repeats some")
         if ckpt is None:
             cfg.lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters   # the schedule's length, kept on resume
             if master and (run.ckpt.exists() or run.log.exists()):     # only now that every check has passed
@@ -217,7 +203,7 @@ def main(argv=None):
 
         # ---- the model and its optimizer ----------------------------------------------------------------------------
         torch.manual_seed(cfg.seed)
-        model = build(cfg.method, mconf)
+        model = build(cfg.method, mconf)                # PonderLM-2 (ponder.py) or a baseline (baselines.py)
         if ckpt or source:
             model = common.model_from(ckpt or source, run.ckpt if ckpt else cfg.init_from, mconf, cfg.method)
         if source:
@@ -225,7 +211,7 @@ def main(argv=None):
                 f"{source['model_config']['n_thoughts']}, token embeddings x {cfg.emb_scale} as there unless "
                 "--emb_scale says otherwise); the optimizer and the schedule start anew")
         model.to(device)
-        # AdamW; weight decay on matrices (and embeddings) only, not on norms and biases
+        # AdamW, with weight decay on the matrices (embeddings included) but not on norms and biases
         params = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW([dict(params=params[0], weight_decay=cfg.weight_decay),
                                        dict(params=params[1], weight_decay=0.0)],
@@ -234,9 +220,10 @@ def main(argv=None):
             common.load_optimizer_state(optimizer, ckpt.get("optimizer"), run.ckpt)
         step = ckpt["step"] if ckpt else 0
 
-        # bf16 autocast where the GPU has it; each block compiled on its own: one small static graph per slot count
-        # and grad mode, whatever J is. DDP averages the gradients over the ranks; `model` stays the plain module,
-        # the one we save and evaluate (on every rank, never through the DDP wrapper).
+        # bf16 autocast where the GPU computes it natively. Each block is compiled on its own: one small static graph
+        # per slot count and grad mode, whatever J is, instead of a graph per number of passes. DDP averages the
+        # gradients over the ranks; `model` stays the plain module, the one we save and evaluate (on every rank,
+        # never through the DDP wrapper).
         autocast = torch.autocast(kind, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
         if compile:
             torch._dynamo.config.cache_size_limit = 64
@@ -244,19 +231,12 @@ def main(argv=None):
                 block.compile(dynamic=False)
         train_model = DDP(model, device_ids=[local_rank] if kind == "cuda" else None) if ddp else model
 
-        flops_tok, peak = model.flops_per_token(), common.peak_flops(kind, dtype)
-        log(f"model: {cfg.method}, {model.num_params():,} parameters ({model.num_params(True):,} in blocks), "
-            f"K={cfg.n_thoughts}, {cfg.n_layer}x{cfg.n_embd}{' neox' if cfg.arch == 'neox' else ''}, block "
-            f"{cfg.block_size}, {flops_tok / 1e6:.1f} MFLOP per training token, "
-            f"{model.flops_per_token(training=False) / 1e6:.1f} MFLOP per decoded token")
-        log(f"data: {data['folder']} ({data['train_tokens']:,} train tokens, {data['tokenizer']}); "
-            f"{cfg.batch_tokens:,} tokens per step = {cfg.micro_batch} seqs x {cfg.block_size} x {world} ranks x "
-            f"{accum} accumulation")
-        log(f"system: {device}, {dtype}, compile {'on' if compile else 'off'}"
-            + (f"; resuming {run.ckpt} at step {step}" if ckpt else ""))
+        log(common.summary(cfg, model, data, accum, world, device, dtype, compile, ckpt and run.ckpt, step))
+        flops_tok, peak = model.flops_per_token(), common.peak_flops(kind, dtype)    # FLOPs: thought passes included
 
         def validate():
-            """The validation losses (with exact thoughts too, if asked) at this step; a non-finite one ends the run."""
+            """The validation losses at this step (with exact thoughts too, if asked); a non-finite one ends the run.
+            Every rank evaluates its share of the windows."""
             val = {"val_loss": evaluate(model, data, cfg, device, autocast, rank, world)}
             if cfg.eval_exact and cfg.n_thoughts and cfg.method == "ponderlm2":
                 val["val_loss_exact"] = evaluate(model, data, cfg, device, autocast, rank, world, jacobi="exact")
@@ -269,8 +249,8 @@ def main(argv=None):
             raise Fail(f"{what}: training diverged; {kept} (try a lower --lr)")
 
         if master and ckpt and not cfg.eval_only:
-            run.rewind(step)                            # drop log entries of steps the checkpoint does not have
-        if cfg.eval_only or step == 0:                  # where training starts from (every rank evaluates a share)
+            run.rewind(step)                            # a resumed run redoes the steps after its checkpoint
+        if cfg.eval_only or step == 0:                  # where training starts from
             val, line = validate()
             if master:
                 run.record({"step": step, **({"eval_only": True} if cfg.eval_only else {}), **val})
@@ -294,7 +274,7 @@ def main(argv=None):
                     if ddp:                             # average gradients over ranks only on the last micro-step
                         train_model.require_backward_grad_sync = micro == accum - 1
                     with autocast:
-                        _, loss = train_model(x, y, jacobi=J)
+                        _, loss = train_model(x, y, jacobi=J)      # K growing passes, J Jacobi passes, the final one
                     (loss / accum).backward()           # the mean over micro-steps, as one big batch would give
                     loss_sum = loss_sum + loss.detach() / accum
                 if cfg.grad_clip > 0:
@@ -302,7 +282,7 @@ def main(argv=None):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                losses.append(loss_sum)
+                losses.append(loss_sum)                 # kept on the device: no synchronisation until we log
                 stopping = stop()                       # did any rank get a signal?
 
                 if step % cfg.log_interval == 0 or step == cfg.max_iters:
@@ -316,7 +296,7 @@ def main(argv=None):
                     now = time.time()
                     tok_s = (step - step_last) * cfg.batch_tokens / (now - t_last)
                     eta = (now - t_start) / (step - step_start) * (cfg.max_iters - step)
-                    speed = flops_tok * tok_s           # model FLOPs per second, thought passes included
+                    speed = flops_tok * tok_s           # model FLOPs per second, against the GPU's bf16 peak
                     mfu = f"MFU {speed / (peak * world):.1%}" if peak else f"{speed / 1e9:.1f} GFLOP/s"
                     log(f"step {step}/{cfg.max_iters} ({step / cfg.max_iters:.0%}) | loss {loss_value:.4f} | "
                         f"lr {lr:.2e} | {tok_s:,.0f} tok/s | {mfu} | ETA {common.fmt_time(eta)}")
@@ -340,12 +320,8 @@ def main(argv=None):
         elif step_start >= cfg.max_iters:
             log(f"{run.ckpt} has already trained for max_iters={cfg.max_iters}; a larger --max_iters goes on at the "
                 f"final learning rate (the cosine ends at lr_decay_iters={cfg.lr_decay_iters}; set it to stretch it)")
-    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
-        raise common.out_of_memory(cfg.micro_batch, run, e) from None
-    except RuntimeError as e:                           # the CPU allocator's way of saying the same
-        if "can't allocate memory" not in str(e):
-            raise
-        raise common.out_of_memory(cfg.micro_batch, run, e) from None
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        raise common.out_of_memory(e, cfg.micro_batch, run)    # one line that says what to lower (or e itself)
     finally:
         run.release()
         common.leave_process_group()
