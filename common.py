@@ -159,6 +159,32 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def note(text):
+    """A line for the person watching, on stderr (dropped if stderr is closed: never mixed into the output)."""
+    if sys.stderr is not None:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_script(main, interrupted):
+    """Run a script's main() as a user expects: an error they can fix is one line (exit 1), Ctrl-C one line (exit
+    130), a reader that goes away (`| head`) no error at all, and output that cannot be written (`> /dev/full`)
+    one line. Every other OSError was turned into a Fail where it could happen."""
+    try:
+        main()
+    except Fail as e:
+        note(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        note(interrupted)
+        sys.exit(130)
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())      # no second error when Python exits
+        if isinstance(e, BrokenPipeError):
+            sys.exit(0)
+        note(f"error: cannot write the output ({e.strerror or e})")
+        sys.exit(1)
+
+
 class Console:
     """print, for rank 0 only. If standard output cannot be written (`> /dev/full`, a closed pipe), one warning goes
     to stderr and the run goes on: what it prints is also in log.jsonl."""

@@ -11,7 +11,6 @@ Text goes to stdout; notes, the legend and the speed go to stderr.
 """
 
 import codecs
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 import common
-from common import Fail, opt
+from common import Fail, note, opt
 from data.prepare import get_tokenizer
 
 
@@ -55,10 +54,15 @@ class SampleConfig:
             raise Fail("--start=FILE: needs a file name after the colon, e.g. --start=FILE:prompt.txt")
 
 
-def note(text):
-    """A line for the person watching, on stderr (dropped if stderr is closed: never mixed into the text)."""
-    if sys.stderr is not None:
-        print(text, file=sys.stderr, flush=True)
+def prompt_text(start):
+    """The prompt: the --start text, or a file's. Bytes that are not UTF-8 become U+FFFD, never an exception."""
+    start = start.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        return Path(start[5:]).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise Fail(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
 
 
 def readable(b):
@@ -71,43 +75,36 @@ def readable(b):
 def main(argv=None):
     cfg, _ = common.parse_options(SampleConfig, argv, "Sample from a model trained by train.py.")
     cfg.check()
-    if sys.stdout is None:
+    if sys.stdout is None:                              # started with stdout closed (>&-)
         raise Fail("standard output is closed: there is nowhere to write the text")
+    sys.stdout.reconfigure(errors="replace")            # a character the terminal cannot show is never an error
     device, kind, dtype = common.pick_device(cfg.device, cfg.dtype)
 
-    # ---- the model and its tokenizer: from out_dir's checkpoint, another checkpoint, or a Hugging Face folder ------
+    # ---- the model and its tokenizer: out_dir's checkpoint, another checkpoint, or a Hugging Face folder --------
     path = Path(cfg.out_dir) / "ckpt.pt" if cfg.init_from == "resume" else common.source_path(cfg.init_from)
     if not path.exists():
         raise Fail(f"no checkpoint at {path}: train one with `python train.py` (or pass --out_dir or --init_from)")
-    ckpt = common.load_source(path)                     # a train.py checkpoint, or the folder's weights in our names
+    ckpt = common.load_source(path)                     # the weights, in ponder's names, and how to build the model
     model = common.model_from(ckpt, path).eval().to(device)
     try:
-        tok = get_tokenizer(ckpt.get("tokenizer", "bytes"))
+        tok = get_tokenizer(ckpt.get("tokenizer", "bytes"))     # the one the model was trained with
     except (RuntimeError, ValueError, OSError) as e:
         raise Fail(f"{path}: {e}") from None
-    K, T, V = model.config.n_thoughts, model.config.block_size, model.config.vocab_size
-    method = ckpt.get("method", "ponderlm2")
-    if cfg.show_thoughts and cfg.thought_tokens > V:
-        raise Fail(f"--thought_tokens={cfg.thought_tokens} is more than the vocabulary ({V} tokens)")
+    K, T, method = model.config.n_thoughts, model.config.block_size, ckpt.get("method", "ponderlm2")
+    if cfg.show_thoughts and cfg.thought_tokens > model.config.vocab_size:
+        raise Fail(f"--thought_tokens={cfg.thought_tokens} is more than the vocabulary ({model.config.vocab_size})")
 
-    # ---- the prompt: bytes that are not UTF-8 (in the argument, the file or the output) become U+FFFD ----------------
-    start = cfg.start.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
-    if getattr(sys.stdout, "reconfigure", None):
-        sys.stdout.reconfigure(errors="replace")
-    if start.startswith("FILE:"):
-        try:
-            start = Path(start[5:]).read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise Fail(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
-    ids = tok.encode(start)
+    ids = list(tok.encode(prompt_text(cfg.start)))
     if not ids:
         raise Fail("the prompt is empty: give at least one character with --start")
     if len(ids) > T:                                    # the model has positions for block_size tokens only
         note(f"note: the prompt has {len(ids)} tokens; keeping its last {T} (block_size)")
         ids = ids[-T:]
-    prompt = torch.tensor([ids], device=device)
+    prompt = torch.tensor([ids], device=device)         # (1, T): one sample at a time
 
-    # Thoughts, if shown, are printed dimmed on a terminal, as the tokens the LM head would read from them.
+    # With --show_thoughts each thought is printed as what the LM head would read from it: its top tokens, dimmed
+    # on a terminal. (The head was trained only on the last slot of each token; what it makes of a thought is a
+    # glimpse, not a decoding.)
     dim, reset = ("\033[2;36m", "\033[0m") if sys.stdout.isatty() else ("", "")
     if cfg.show_thoughts:
         steps = f"thinks {K} latent thought(s)" if method == "ponderlm2" else f"takes {K} extra step(s) ({method})"
@@ -115,20 +112,20 @@ def main(argv=None):
              f"{cfg.thought_tokens} tokens the LM head would read from it, with probabilities (␣ space, ↵ newline, "
              "⇥ tab); the real text goes on between them.")
 
-    # ---- decoding: model.generate runs the exact recurrence with a KV cache (ponder.py's prefill and step) ----------
+    # ---- decoding: generate() prefills the prompt, then for every token runs its slot and K thought slots, each
+    # appended to the KV cache (ponder.py's prefill and step); past block_size it refills from the recent half ------
     autocast = torch.autocast(kind, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     generator = torch.Generator(device).manual_seed(cfg.seed)     # the same seed gives the same text
-    samples, n_tokens, seconds = [], 0, 0.0
+    samples, seconds = [], 0.0
     for i in range(cfg.num_samples):
         note(f"---------- sample {i + 1}/{cfg.num_samples}")
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a token may end inside a character
         sys.stdout.write(tok.decode(ids))
-        out = []
-        t0 = time.perf_counter()
+        out, t0 = [], time.perf_counter()
         with autocast, torch.inference_mode():
             for token, thoughts in model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                                   exact_prefill=cfg.prefill == "exact", generator=generator):
-                if cfg.show_thoughts:                   # thoughts: (1, K, d), read through the LM head
+                if cfg.show_thoughts:                   # thoughts: (1, K, d), the K steps before this token
                     probs = torch.softmax(model.lm_head(thoughts[0]).float(), dim=-1)       # (K, V)
                     top = torch.topk(probs, cfg.thought_tokens)
                     for p, t in zip(top.values.tolist(), top.indices.tolist()):
@@ -136,31 +133,17 @@ def main(argv=None):
                         sys.stdout.write(f"{dim}⟦{shown}⟧{reset}")
                 out.append(token.item())
                 sys.stdout.write(text.decode(tok.token_bytes(out[-1])))
-                sys.stdout.flush()
+                sys.stdout.flush()                      # text appears as it is made
         if kind == "cuda":
             torch.cuda.synchronize()                    # the clock must not stop before the GPU does
         seconds += time.perf_counter() - t0
         print(text.decode(b"", final=True), flush=True)
         samples.append(out)
-        n_tokens += len(out)
-    note(f"---------- {n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s, {(K + 1) * n_tokens / seconds:.1f}"
-         f" forward steps/s ({method}, K={K}, {device}, {dtype}, prompt prefill included)")
+    n = sum(map(len, samples))
+    note(f"---------- {n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s, {(K + 1) * n / seconds:.1f} forward "
+         f"steps/s ({method}, K={K}, {device}, {dtype}, prompt prefill included)")
     return samples
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Fail as e:
-        note(f"error: {e}")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        note("\ninterrupted")
-        sys.exit(130)
-    except BrokenPipeError:                       # the reader went away (`python sample.py | head`): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())      # no second error when Python flushes
-        sys.exit(0)
-    except OSError as e:                          # e.g. > /dev/full
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        note(f"error: cannot write the text ({e.strerror or e})")
-        sys.exit(1)
+    common.run_script(main, interrupted="\ninterrupted")

@@ -15,7 +15,6 @@ datasets) is in common.py; this file is the training itself, top to bottom.
 
 import math
 import platform
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -328,11 +327,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Fail as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: stopped without saving; the last checkpoint in out_dir is kept", file=sys.stderr)
-        sys.exit(130)
+    common.run_script(main, interrupted="interrupted: stopped without saving; the last checkpoint in out_dir is kept")
