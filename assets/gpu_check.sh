@@ -232,8 +232,8 @@ data = np.memmap(val, dtype=np.uint16, mode="r")
 idx = torch.from_numpy(np.stack([data[o:o + T].astype(np.int64) for o in (0, 100_000, 200_000, 300_000)])).to(dev)
 K = m.config.n_thoughts
 passes = []
-real = m.run_slots
-m.run_slots = lambda x: passes.append(1) or real(x)
+real = m.run
+m.run = lambda x, *a: passes.append(1) or real(x, *a)
 
 def cached(autocast):
     cache = KVCache(T * (K + 1))
