@@ -361,7 +361,8 @@ def load_dataset(name, block_size, master, eval_windows=None):
     for key, kind in [("tokenizer", str), ("vocab_size", int), ("train_tokens", int), ("val_tokens", int),
                       ("align", int), ("targets", bool)]:
         if not isinstance(meta.get(key), kind) or kind is int and (isinstance(meta[key], bool) or meta[key] < 1):
-            raise Fail(f"{damaged} (its {key!r} is missing or not a {'positive integer' if kind is int else kind.__name__})")
+            what = "positive integer" if kind is int else kind.__name__
+            raise Fail(f"{damaged} (its {key!r} is missing or not a {what})")
     meta["folder"] = folder
     V = meta["vocab_size"]
     for split in ("train", "val"):
@@ -383,9 +384,9 @@ def load_dataset(name, block_size, master, eval_windows=None):
                                "not allow; prepare the dataset again")
         if windows(meta, split, block_size) < 1:
             align = meta["align"]
+            where = f" starting at a multiple of align {align}" if align > 1 else ""
             raise Fail(f"{folder / split}.bin: its {meta[f'{split}_tokens']:,} tokens are fewer than block_size "
-                       f"{block_size} needs for one window{f' starting at a multiple of align {align}' if align > 1 else ''}"
-                       "; lower --block_size")
+                       f"{block_size} needs for one window{where}; lower --block_size")
     distinct = windows(meta, "val", block_size)
     if eval_windows and eval_windows > 16 * distinct:
         raise Fail(f"--eval_windows={eval_windows} but the val split holds {distinct:,} windows of block_size "

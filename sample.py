@@ -108,8 +108,8 @@ def main(argv=None):
     dim, reset = ("\033[2;36m", "\033[0m") if sys.stdout.isatty() else ("", "")
     if cfg.show_thoughts:
         steps = f"thinks {K} latent thought(s)" if method == "ponderlm2" else f"takes {K} extra step(s) ({method})"
-        note(f"legend: before each token the model {steps}. Each ⟦...⟧ is the output of one such step, shown as the "
-             f"{cfg.thought_tokens} tokens the LM head would read from it, with probabilities (␣ space, ↵ newline, "
+        note(f"legend: before each token the model {steps}. Each ⟦...⟧ is the output of one such step, shown as "
+             f"the {cfg.thought_tokens} tokens the LM head would read from it, with probabilities (␣ space, ↵ newline, "
              "⇥ tab); the real text goes on between them.")
 
     # ---- decoding: generate() prefills the prompt, then for every token runs its slot and K thought slots, each

@@ -83,13 +83,16 @@ class TrainConfig:
 
     def check(self, given):
         """Every option, before any work (floats are already known to be finite). Returns the model's config."""
-        ranges = {"eval_interval eval_windows log_interval batch_tokens micro_batch max_iters": (1, math.inf),
-                  "warmup_iters lr_decay_iters weight_decay grad_clip": (0, math.inf),
-                  "beta1 beta2": (0, 1), "seed": (0, 2**63), "min_lr_ratio": (0, 1 + 1e-12)}   # low <= value < high
-        for name in (n for names in ranges for n in names.split()):
-            low, high = next(r for names, r in ranges.items() if name in names.split())
-            if not low <= getattr(self, name) < high:
-                raise Fail(f"--{name} must be within [{low}, {high:.3g}), got {getattr(self, name)}")
+        ranges = [("eval_interval eval_windows log_interval batch_tokens micro_batch max_iters", 1, math.inf,
+                   "[1, inf)"),
+                  ("warmup_iters lr_decay_iters weight_decay grad_clip", 0, math.inf, "[0, inf)"),
+                  ("beta1 beta2", 0, 1, "[0, 1)"), ("seed", 0, 2**63, "[0, 2**63)")]      # low <= value < high
+        for names, low, high, said in ranges:
+            for name in names.split():
+                if not low <= getattr(self, name) < high:
+                    raise Fail(f"--{name} must be within {said}, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise Fail(f"--min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
         if not self.lr > 0:
             raise Fail(f"--lr must be > 0, got {self.lr}")
         for name, allowed in dict(method=tuple(METHODS), compile=("auto", "true", "false")).items():
@@ -322,6 +325,10 @@ def main(argv=None):
     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
         raise common.out_of_memory(e, cfg.micro_batch, run)    # one line that says what to lower (or e itself)
     finally:
+        # DDP's reducer holds the process group. Freed last, with the process group, it would destroy the group
+        # holding the GIL while a gloo thread may need the GIL to free an all-reduce's tensors: a hang at exit, one
+        # run in four on 2 CPU ranks. Dropped first, the group goes with destroy_process_group, which releases it.
+        train_model = None  # noqa: F841
         run.release()
         common.leave_process_group()
 
