@@ -4,6 +4,7 @@
      2. causality                                 6. cheaper training            10. sampling
      3. the cache and generation                  7. the training step           11. nothing lost
      4. K = 0 is a plain transformer              8. where a run starts          12. bad input gives one line
+                                                                                    13. the state-tracking task
 
 and, at the end, checks of the repository itself. Every test's docstring starts with the claim it checks. CPU only,
 no network. Run with `python -m pytest -q` from the repository root.
@@ -13,6 +14,7 @@ import dataclasses
 import functools
 import http.server
 import inspect
+import itertools
 import json
 import math
 import os
@@ -34,12 +36,16 @@ from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
+import data.groups as groups
 import data.prepare as prep
 import pretrained
 import sample
 import train
 from baselines import build
 from ponder import PonderConfig, PonderLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "assets"))
+import state_tracking  # noqa: E402   the study's driver (assets/ is not a package)
 
 REPO = Path(__file__).resolve().parent
 
@@ -2019,6 +2025,158 @@ def test_eval_windows_beyond_the_split(tmp_path, capsys):
     train_run(str(data), tmp_path / "b", "--eval_windows=25", "--max_iters=1")
     assert "note: the val split holds 24 windows of block_size 16; --eval_windows=25 repeats some" in \
         capsys.readouterr().out
+
+
+# ================================================================================================================
+# 13. The state-tracking task: group elements and products against brute force, words and datasets deterministic
+#     and in the per-token-targets format, train.py trains on them, and the evaluation's accuracies on a model whose
+#     answers are known.
+# ================================================================================================================
+
+def permutation_matrix(p):
+    """M[i, p[i]] = 1, so that permutation_matrix(a) @ permutation_matrix(b) is "a, then b"."""
+    m = np.zeros((len(p), len(p)), dtype=np.int64)
+    m[np.arange(len(p)), list(p)] = 1
+    return m
+
+
+def states_by_brute_force(g, word):
+    """The prefix products of one word, without the group's table: products of permutation matrices (plain sums for
+    Z<n>), each named by searching the list of elements."""
+    if g.name.startswith("Z"):
+        return [sum(word[:t + 1]) % g.order for t in range(len(word))]
+    mats = [permutation_matrix(p) for p in g.elements]
+    out, m = [], np.eye(len(g.elements[0]), dtype=np.int64)
+    for a in word:
+        m = m @ mats[a]
+        out.append(next(k for k, q in enumerate(mats) if (q == m).all()))
+    return out
+
+
+@pytest.mark.parametrize("name, order", [("S3", 6), ("A4", 12), ("A5", 60), ("S5", 120), ("Z60", 60)])
+def test_group_elements_and_words_against_brute_force(name, order):
+    """Claim 13 (groups): S<n> holds every permutation and A<n> the even ones, in lexicographic order, with the
+    identity first; the state after each letter equals a product of permutation matrices (sums mod n for Z<n>)."""
+    g = groups.group(name)
+    assert g.order == order and g.table.shape == (order, order) and g.identity == 0
+    if name[0] in "SA":
+        n = int(name[1:])
+        perms = list(itertools.permutations(range(n)))
+        if name[0] == "A":                            # even: an even number of inversions
+            perms = [p for p in perms if sum(p[i] > p[j] for i, j in itertools.combinations(range(n), 2)) % 2 == 0]
+        assert [tuple(p) for p in g.elements] == perms
+    x = groups.words(g, 20, 12, seed=3, stream=0)
+    s = groups.prefix_products(g, x)
+    assert [list(row) for row in s] == [states_by_brute_force(g, w.tolist()) for w in x]
+
+
+def test_group_product_is_a_then_b():
+    """Claim 13 (groups): a*b means "a, then b", checked on S3 by hand, and S3 is not abelian."""
+    g = groups.group("S3")
+    swap01, cycle = g.elements.index((1, 0, 2)), g.elements.index((1, 2, 0))
+    assert g.elements[g.table[swap01, cycle]] == (2, 1, 0)         # 0 -> 1 -> 2, 1 -> 0 -> 1, 2 -> 2 -> 0
+    assert g.elements[g.table[cycle, swap01]] == (0, 2, 1)
+    assert groups.prefix_products(g, np.array([[swap01, cycle]]))[0].tolist() == [swap01, g.table[swap01, cycle]]
+
+
+def test_group_words_are_deterministic(monkeypatch):
+    """Claim 13 (groups): words depend on the seed and stream only (not on the chunk size they are written in); the
+    letters are distinct, drawn from the seed, and their quotients generate the group."""
+    g = groups.group("A5")
+    a = groups.words(g, 100, 16, seed=7, stream=0)
+    monkeypatch.setattr(groups, "CHUNK", 7)
+    assert (a == groups.words(g, 100, 16, seed=7, stream=0)).all()
+    assert (a != groups.words(g, 100, 16, seed=7, stream=1)).mean() > 0.9
+    assert (a != groups.words(g, 100, 16, seed=8, stream=0)).mean() > 0.9
+    letters = groups.pick_letters(g, 4, seed=7)
+    assert (letters == groups.pick_letters(g, 4, seed=7)).all() and len(set(letters.tolist())) == 4
+    assert set(np.unique(groups.words(g, 200, 16, seed=7, stream=0, letters=letters))) == set(letters.tolist())
+    quotients = {int(g.table[a, groups.inverse(g, b)]) for a in letters for b in letters}
+    assert len(groups.closure(g, quotients)) == 60
+
+
+def test_group_dataset_is_a_targets_dataset(tmp_path):
+    """Claim 13 (groups): a prepared dataset holds the words and their states (int32 targets), align = the word
+    length, val from another stream than train; train.py's dataset check accepts it, one window per word."""
+    out = tmp_path / "s3"
+    meta = groups.prepare("S3", 8, 300, 50, seed=5, out=out)
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert (meta["tokenizer"], meta["vocab_size"], meta["align"], meta["targets"]) == ("ids", 6, 8, True)
+    g = groups.group("S3")
+    for split, n, stream in [("train", 300, 0), ("val", 50, 1)]:
+        x = np.fromfile(out / f"{split}.bin", dtype=np.uint16).reshape(n, 8)
+        y = np.fromfile(out / f"{split}_targets.bin", dtype=np.int32).reshape(n, 8)
+        assert (x == groups.words(g, n, 8, seed=5, stream=stream)).all()
+        assert [list(r) for r in y] == [states_by_brute_force(g, w.tolist()) for w in x]
+    loaded = common.load_dataset(str(out), 8, True)
+    assert common.windows(loaded, "train", 8) == 300 and common.windows(loaded, "val", 8) == 50
+    with pytest.raises(ValueError, match="already holds a dataset"):
+        groups.prepare("S3", 8, 300, 50, seed=5, out=out)
+
+
+@pytest.mark.parametrize("args, message", [(["Q8"], "unknown group"), (["S5", "--length=0"], "--length must be"),
+                                           (["S9"], "at most 5040"), (["A5", "--letters=1"], "--letters must be"),
+                                           (["S3", "--name=../x"], "plain folder name")])
+def test_group_cli_bad_input(args, message):
+    """Claim 13 (groups) and 12: data/groups.py refuses bad arguments in one line."""
+    p = subprocess.run([sys.executable, "data/groups.py", *args], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+
+
+class KnownAnswers(torch.nn.Module):
+    """A stand-in model whose answers are known: with J Jacobi passes it names the true state (computed by brute
+    force) at the first J + 1 positions and a wrong one after them; with exact thoughts at every position. Like a
+    model without absolute positions, it is also wrong at the second position of a word that starts a, a."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+
+    def forward(self, idx, jacobi=None):
+        T = idx.shape[1]
+        right = T if jacobi == "exact" else min(jacobi + 1, T)
+        states = torch.tensor([states_by_brute_force(self.g, w) for w in idx.tolist()])
+        states[:, right:] = (states[:, right:] + 1) % self.g.order
+        repeated = idx[:, 0] == idx[:, 1]
+        states[repeated, 1] = (states[repeated, 1] + 1) % self.g.order
+        return F.one_hot(states, self.g.order).float() * 3, None
+
+
+def test_state_tracking_evaluation_on_known_answers():
+    """Claim 13 (evaluation): on a model whose answers are known, the accuracy by position (all words, and words whose
+    first two letters differ), the accuracy against J and the passes to exact thoughts come out as they must, and
+    predictions do not depend on the batch size."""
+    g = groups.group("S3")
+    x = groups.words(g, 30, 16, seed=2, stream=5)
+    x[:, 1] = (x[:, 0] + 1) % 6                                 # no word starts a, a ...
+    x[:3, 1] = x[:3, 0]                                         # ... but three
+    y = groups.prefix_products(g, x)
+    model = KnownAnswers(g)
+    res = state_tracking.measure(model, x, y, [3, "exact"], sweep=[*range(16), "exact"])
+    assert res["accuracy_distinct_start"][3] == [1.0] * 4 + [0.0] * 12
+    assert res["accuracy"][3] == [1.0, 0.9, 1.0, 1.0] + [0.0] * 12
+    assert res["accuracy_distinct_start"]["exact"] == [1.0] * 16
+    assert [round(sum(res["sweep"][str(J)]), 6) for J in range(16)] == [J + 1 - 0.1 * (J > 0) for J in range(16)]
+    assert res["passes_to_exact"] == 15 and res["logit_gap"]["exact"] == 0 < res["logit_gap"]["14"]
+    whole, _ = state_tracking.predictions(model, x, 2)
+    assert (state_tracking.predictions(model, x, 2, batch=7)[0] == whole).all()
+    assert state_tracking.horizon([1.0, 0.95, 0.5, 0.99]) == 2 and state_tracking.horizon([1.0, 1.0]) == 2
+
+
+def test_state_tracking_trains_and_evaluates_a_tiny_run(tmp_path):
+    """Claim 13 (evaluation): train.py trains on a group dataset (K = 1, 3 steps), and the study's evaluation reads
+    the run back with a longer block_size and gives predictions at J = 3 and with exact thoughts."""
+    data = tmp_path / "s3_8"
+    groups.prepare("S3", 8, 200, 20, seed=0, out=data)
+    out = tmp_path / "run"
+    train_run(str(data), out, "--block_size=8", "--n_thoughts=1", "--max_iters=3", "--eval_interval=3",
+              "--eval_windows=4", "--micro_batch=4", "--batch_tokens=32")
+    assert saved(out)["step"] == 3
+    model, _ = state_tracking.load_model(out, 16)
+    x = groups.words(groups.group("S3"), 5, 16, seed=1, stream=16)
+    for jacobi in (3, "exact"):
+        pred, logits = state_tracking.predictions(model, x, jacobi, batch=2)
+        assert pred.shape == (5, 16) and logits.shape == (5, 16, saved(out)["model_config"]["vocab_size"])
 
 
 # ================================================================================================================
