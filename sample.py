@@ -37,6 +37,8 @@ class SampleConfig:
     seed: int = opt(1337, "random seed: the same seed gives the same text")
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto (bfloat16 on GPUs that have it natively, else float32), bfloat16 or float32")
+    threads: int = opt(0, "CPU threads for torch; 0 (auto): 1 for models under 16 M parameters, whose decoding is a "
+                          "chain of tiny calls that a second thread only slows down, torch's default for bigger ones")
     prefill: str = opt("exact", "exact (iterate until the prompt's thoughts are fixed) or jacobi (jacobi_eval passes)")
     show_thoughts: bool = opt(False, "print each latent thought, as the tokens it would decode to, between the tokens")
     thought_tokens: int = opt(3, "with --show_thoughts: top tokens shown per thought")
@@ -46,6 +48,8 @@ class SampleConfig:
             raise Fail(f"--temperature must be >= 0, got {self.temperature}")
         if min(self.top_k, self.num_samples, self.max_new_tokens, self.thought_tokens) < 1:
             raise Fail("--top_k, --num_samples, --max_new_tokens and --thought_tokens must be at least 1")
+        if self.threads < 0:
+            raise Fail(f"--threads must be >= 0 (0: auto), got {self.threads}")
         if not 0 <= self.seed < 2**63:
             raise Fail(f"--seed must be within [0, 2**63), got {self.seed}")
         if self.prefill not in ("exact", "jacobi"):
@@ -91,6 +95,9 @@ def main(argv=None):
     except (RuntimeError, ValueError, OSError) as e:
         raise Fail(f"{path}: {e}") from None
     K, T, method = model.config.n_thoughts, model.config.block_size, ckpt.get("method", "ponderlm2")
+    if kind == "cpu":   # measured on a busy 2-core machine: 1 thread decoded 0.5 M and 11 M models 2x and 4x faster
+        small = sum(p.numel() for p in model.parameters()) < 16e6
+        torch.set_num_threads(cfg.threads or (1 if small else torch.get_num_threads()))
     if cfg.show_thoughts and cfg.thought_tokens > model.config.vocab_size:
         raise Fail(f"--thought_tokens={cfg.thought_tokens} is more than the vocabulary ({model.config.vocab_size})")
 

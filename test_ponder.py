@@ -1203,6 +1203,28 @@ def test_prepare_text_file(tmp_path):
     assert prep.ByteTokenizer().decode(ids.tolist()) == TEXT
 
 
+def test_prepare_text_skips_binary_files_in_a_folder(tmp_path, capsys):
+    """Claim 9 (prepare.py text): in a folder, files with NUL bytes (images, archives) are skipped with a note and
+    the text files alone are tokenized; a folder of binary files only is refused; a binary file named on its own is
+    tokenized as given, with a note."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "a.py").write_text(TEXT[:3000])
+    (folder / "b.txt").write_text(TEXT[3000:6000])
+    (folder / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)) * 20)
+    meta = prep.prepare_text(folder, out=tmp_path / "d")
+    assert meta["train_tokens"] + meta["val_tokens"] == len(TEXT[:6000].encode())
+    assert "skipping 1 binary file(s)" in capsys.readouterr().out
+    only = tmp_path / "bin"
+    only.mkdir()
+    (only / "x.bin").write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="only binary files"):
+        prep.prepare_text(only, out=tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    meta = prep.prepare_text(only / "x.bin", out=tmp_path / "f")
+    assert meta["train_tokens"] + meta["val_tokens"] == 100 and "looks binary" in capsys.readouterr().out
+
+
 def test_prepare_refuses_to_overwrite_or_escape_data(tmp_path, monkeypatch):
     """Claim 9 (prepare.py): an existing dataset is replaced only with --force, a name cannot leave data/, and an
     empty file leaves no folder behind."""
@@ -1515,6 +1537,20 @@ def test_show_thoughts_prints_k_per_token(trained, capsys):
     assert captured.out.count("⟦") == captured.out.count("⟧") == K * 15 * 2
     assert "\033[" not in captured.out
     assert "legend" in captured.err
+
+
+@pytest.mark.parametrize("trained", [1], indirect=True)
+def test_sample_threads_on_cpu(trained):
+    """Claim 10 (threads): on CPU a small model decodes with one thread unless --threads says otherwise, and the
+    text does not depend on the thread count."""
+    args = [f"--out_dir={trained}", "--num_samples=1", "--max_new_tokens=20", "--device=cpu", "--seed=3"]
+    try:
+        torch.set_num_threads(2)
+        one = sample.main(args)
+        assert torch.get_num_threads() == 1
+        assert sample.main([*args, "--threads=2"]) == one and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)                        # the suite's setting
 
 
 @pytest.mark.parametrize("method", BASELINES)

@@ -215,6 +215,12 @@ def prepare_stdlib(out=DATA_DIR / "stdlib", force=False):
         return prepare_documents(out, docs, ByteTokenizer(), f"{len(files)} .py files of {root}", len(files))
 
 
+def looks_binary(path, head=8192):
+    """A file with a NUL byte in its first 8 KB is not text (git's rule)."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(head)
+
+
 def prepare_text(path, out=None, tokenizer="bytes", force=False):
     """A text file, or every file in a folder (sorted, hidden ones skipped), into out (default data/<its name>)."""
     path = Path(path)
@@ -224,6 +230,15 @@ def prepare_text(path, out=None, tokenizer="bytes", force=False):
         p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
     if not files:
         raise FileNotFoundError(f"{path} holds no files")
+    binary = [f for f in files if looks_binary(f)]
+    if path.is_file() and binary:
+        print(f"note: {path} looks binary (it has NUL bytes); tokenizing it as it is")
+    elif binary:                                # images, archives, compiled files in a folder of text: left out
+        skip = set(binary)
+        files = [f for f in files if f not in skip]
+        print(f"note: skipping {len(binary)} binary file(s) (with NUL bytes), e.g. {binary[0]}")
+        if not files:
+            raise ValueError(f"{path} holds only binary files: nothing to train on")
     if not any(f.stat().st_size for f in files):
         raise ValueError(f"{path} is empty: nothing to train on")
     if out is None:
