@@ -18,7 +18,7 @@ git), each a plain `python train.py ...` whose command is printed, two at a time
 (OMP_NUM_THREADS=1). Each arm's learning rate is swept on A5 with seed 1 (extended while the best is at an edge);
 the best is then run with a second seed where listed, and on Z60 for the control arms. Kill it at any time and run
 it again: finished runs are kept, a cut-short run resumes from its checkpoint, an evaluation is kept in its run's
-eval.json once made. The report: markdown tables printed and written to study/state/report.md, the results in
+eval.json once made. The report: markdown tables printed and written to assets/state_tracking.md, the results in
 assets/state_tracking.json, the figure in assets/state_tracking.png (skipped without matplotlib).
 """
 
@@ -76,8 +76,11 @@ ARMS = {   # name: (what, train.py options, learning rates tried with seed 1 (or
                         "vanilla-2L", [1]),
     "vanilla-4L-long": (f"vanilla, 8 layers, {4 * STEPS} steps (twice ponder-J23's training FLOPs)",
                         dict(n_layer=8, **VANILLA, max_iters=4 * STEPS), "vanilla-4L", [1]),
-    "loop-K3": ("Loop K=3 (2 layers run 4 times)", dict(n_layer=2, n_thoughts=3, method="loop"), ONE, [1]),
-    "pause-K3": ("Pause K=3", dict(n_layer=2, n_thoughts=3, method="pause"), ONE, [1]),
+    "loop-K3": ("Loop K=3 (2 layers run 4 times)", dict(n_layer=2, n_thoughts=3, method="loop"), SWEEP, [1, 2]),
+    "pause-K3": ("Pause K=3", dict(n_layer=2, n_thoughts=3, method="pause"), SWEEP, [1, 2]),
+    # Loop again with twice the steps, at the best rate of its sweep: ponder-J23's training FLOPs
+    "loop-K3-long": (f"Loop K=3, {2 * STEPS} steps (ponder-J23's training FLOPs)",
+                     dict(n_layer=2, n_thoughts=3, method="loop", max_iters=2 * STEPS), "loop-K3", [1]),
 }
 MAIN, CONTROL = "A5", "Z60"
 CONTROL_ARMS = ["vanilla-L", "ponder-J23"]     # at the main group's best lr, seed 1
@@ -375,20 +378,22 @@ def report(res):
     lines = [f"| group | arm | lr (sweep: final val loss) | seed | val loss at 2/3 of training, end | "
              f"accuracy 1-{T} (J=3 / exact) | "
              f"{T + 1}-{2 * T} | {2 * T + 1}-{L} | tracks up to (J=3 / exact) | passes to exact | "
-             f"training wall (CPU) min |", "|" + "---|" * 11]
+             f"train FLOPs | training wall (CPU) min |", "|" + "---|" * 12]
     for r in res["runs"].values():
         modes = [m for m in ("3", "exact") if f"{m}@{L}" in r["accuracy"]]
 
         def cell(lo, hi, length):
             return " / ".join(f"{mean(r['accuracy'][f'{m}@{length}'][lo:hi]):.3f}" for m in modes)
         tracks = " / ".join(str(horizon(r["accuracy_distinct_start"][f"{m}@{L}"])) for m in modes)
-        sweep = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in res["sweeps"][r["arm"]].items())
+        sweep = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in res["sweeps"][r["arm"]].items()) \
+            if r["group"] == MAIN else f"{MAIN}'s best"
         wall, cpu = r["time"]
         two_thirds = min(r["curve"], key=lambda e: abs(e[0] - 2 * steps(r["arm"]) / 3))[1]
         lines.append(f"| {r['group']} | {r['arm']} | {r['lr']:g} ({sweep}) | {r['seed']} | "
                      f"{two_thirds:.3f}, {r['val_loss']:.3f} | "
                      f"{cell(0, T, T)} | {cell(T, 2 * T, 2 * T)} | {cell(2 * T, L, L)} | {tracks} | "
-                     f"{r.get('passes_to_exact', 'n/a')} | {wall / 60:.0f} ({cpu / 60:.0f}) |")
+                     f"{r.get('passes_to_exact', 'n/a')} | {cost(r['arm']) * steps(r['arm']) * TOKENS_PER_STEP:.1e} | "
+                     f"{wall / 60:.0f} ({cpu / 60:.0f}) |")
     sweep = ["| group | arm | seed | " + " | ".join(f"J={J}" for J in J_SWEEP) + " |",
              "|" + "---|" * (3 + len(J_SWEEP))]
     for r in res["runs"].values():
@@ -402,7 +407,7 @@ def report(res):
         "90 %) against the number of Jacobi passes J at evaluation:\n\n" \
         + "\n".join(sweep) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "report.md").write_text(text)
+    (REPO / "assets" / "state_tracking.md").write_text(text)
     print(text)
     figure(res["runs"])
 
@@ -417,7 +422,7 @@ def figure(res):
         return
     L = max(EVAL_LENGTHS)
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
-    colors = dict(zip(ARMS, plt.get_cmap("tab10").colors))
+    colors = dict(zip(ARMS, plt.get_cmap("tab20").colors))       # one colour per arm (12)
     for ax, group in zip(axes[0], ("A5", "Z60")):
         chance = None
         for r in res.values():
