@@ -1481,6 +1481,14 @@ def test_prepare_and_sample_with_a_checkpoint_tokenizer(tmp_path):
     assert meta["tokenizer"] == str((folder / "tokenizer.json").resolve()) and meta["vocab_size"] <= 300
     ids = np.fromfile(tmp_path / "code" / "train.bin", dtype=np.uint16)
     assert tok.decode(ids[:50].tolist()) == TEXT[:len(tok.decode(ids[:50].tolist()))]
+    cli = REPO / "data" / f"test-tokenizer-cli-{os.getpid()}"      # the command line too (it must find pretrained.py)
+    try:
+        r = subprocess.run([sys.executable, str(REPO / "data" / "prepare.py"), "text", str(src), f"--name={cli.name}",
+                            f"--tokenizer={folder}"], cwd=tmp_path, capture_output=True, text=True, env=ENV)
+        assert r.returncode == 0, r.stderr
+        assert (np.fromfile(cli / "train.bin", dtype=np.uint16) == ids).all()
+    finally:
+        shutil.rmtree(cli, ignore_errors=True)
     out = sample.main([f"--init_from={folder}", "--start=def f", "--num_samples=1", "--max_new_tokens=6",
                        "--temperature=0"])
     config, weights = pretrained.load_neox(folder)

@@ -91,6 +91,8 @@ def get_tokenizer(name):
         raise ValueError(f"unknown tokenizer {name!r}: use bytes, gpt2, or a folder with a tokenizer.json"
                          + (" (the checkpoint's tokenizer was there, and is gone)" if path.name == "tokenizer.json"
                             else ""))
+    if str(DATA_DIR.parent) not in sys.path:       # run as `python data/prepare.py`: pretrained.py is one folder up
+        sys.path.insert(0, str(DATA_DIR.parent))
     import pretrained
     return pretrained.HFTokenizer(path)
 
