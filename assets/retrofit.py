@@ -21,6 +21,7 @@ Kill the script at any time and run it again: finished runs are kept, a run cut 
 The report is assets/retrofit.md, assets/retrofit.json and assets/retrofit.png.
 """
 
+import argparse
 import json
 import math
 import os
@@ -297,12 +298,8 @@ def report(res):
 
 
 def figure(res):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+    plt = study.pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.8))
     for base, color in (("vanilla-L-scaled", "tab:blue"), ("vanilla-2L-scaled", "tab:green")):
@@ -338,14 +335,19 @@ def figure(res):
     fig.savefig(REPO / "assets" / "retrofit.png", dpi=100)
 
 
-def main():
-    jobs = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--jobs=")), 1)
-    partial = "--report" in sys.argv[1:]
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Thoughts added late: trains what is missing (resumable), evaluates, "
+                                            "writes assets/retrofit.md, .json and .png.")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with one thread (default 1)")
+    p.add_argument("--report", action="store_true", help="train nothing: the report of the runs finished so far")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     os.chdir(REPO)                                 # run folders are named relative to the repository
     OUT.mkdir(parents=True, exist_ok=True)
-    if not partial:
-        run_all(jobs)
-    res = results(partial)
+    if not args.report:
+        run_all(args.jobs)
+    res = results(args.report)
     (REPO / "assets" / "retrofit.json").write_text(json.dumps(res, indent=1))
     report(res)
 

@@ -36,6 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import study  # noqa: E402   (assets/study.py: the figures' pyplot)
 from baselines import build  # noqa: E402
 from common import RunDir  # noqa: E402
 from data import groups  # noqa: E402
@@ -413,12 +414,8 @@ def report(res):
 
 
 def figure(res):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+    plt = study.pyplot()
+    if plt is None:
         return
     L = max(EVAL_LENGTHS)
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
@@ -473,6 +470,8 @@ def main(argv=None):
     p.add_argument("--evaluate", metavar="RUN_DIR", help="evaluate one finished run into its eval.json, and exit")
     p.add_argument("--report_only", action="store_true", help="train nothing: report the runs finished so far")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.evaluate:
         return evaluate(Path(args.evaluate).resolve())
     if not args.report_only:

@@ -15,6 +15,7 @@ Kill it at any time and run it again: finished runs are kept, a run cut short re
 The report is assets/study.md, study/results.json and assets/study_curves.png.
 """
 
+import argparse
 import json
 import math
 import os
@@ -295,13 +296,22 @@ def report(res):
     figure(res)
 
 
-def figure(res):
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; None, with a note, when matplotlib is not installed (it is needed
+    for the figures only)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no figure (pip install matplotlib)")
+        return None
+    return plt
+
+
+def figure(res):
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.6))
     colors = plt.get_cmap("tab20").colors
@@ -337,7 +347,9 @@ def figure(res):
     fig.savefig(REPO / "assets" / "study_curves.png", dpi=100)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description="The same-recipe study: trains what is missing (resumable, two runs at a "
+                                        "time), evaluates, writes assets/study.md and the figure.").parse_args(argv)
     STUDY.mkdir(exist_ok=True)
     run_all()
     res = results()
