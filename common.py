@@ -38,9 +38,10 @@ class Fail(Exception):
 
 # ---- options ----------------------------------------------------------------------------------------------------
 
-def opt(default, help, gpu=None, neox=None):
-    """An option: its default, a one-line help, and optionally other defaults on CUDA and for --arch=neox."""
-    return field(default=default, metadata=dict(help=help, gpu=gpu, neox=neox))
+def opt(default, help, gpu=None, neox=None, bare=None):
+    """An option: its default, a one-line help, optionally other defaults on CUDA and for --arch=neox, and the value
+    a bare --option (no =value) stands for (bool options: true)."""
+    return field(default=default, metadata=dict(help=help, gpu=gpu, neox=neox, bare=bare))
 
 
 # Options of nanoGPT and similar trainers that have another name here (or no exact equivalent).
@@ -96,7 +97,8 @@ def parse_options(config_class, argv=None, description=""):
                         if f.metadata.get(key) is not None)
         shown = repr(f.default) if isinstance(f.default, str) else f.default
         help = f.metadata["help"] + other + f" [default: {shown}]"
-        flag = dict(nargs="?", const=True) if f.type is bool else {}     # a bare --flag means true
+        bare = True if f.type is bool else f.metadata.get("bare")       # a bare --flag means true
+        flag = {} if bare is None else dict(nargs="?", const=bare)
         p.add_argument(f"--{f.name}", type=convert, default=argparse.SUPPRESS, metavar=f.type.__name__.upper(),
                        help=help.replace("%", "%%"), **flag)
     args, unknown = p.parse_known_args(argv)

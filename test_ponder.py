@@ -1912,6 +1912,16 @@ def test_train_py_errors_are_one_line_on_stderr(tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: dataset 'missing_dataset'"), r.stderr
 
 
+@pytest.mark.parametrize("argv, value", [([], "auto"), (["--compile"], "true"), (["--compile=True"], "true"),
+                                         (["--compile=OFF"], "false"), (["--compile=0"], "false")])
+def test_compile_takes_the_words_a_bool_option_takes(argv, value):
+    """Claim 12 (options): --compile, which also takes auto, accepts what a bool option accepts: a bare flag, True,
+    off, 0 (anything else is refused in one line, above)."""
+    cfg, given = common.parse_options(train.TrainConfig, argv, "train")
+    cfg.check(given)
+    assert cfg.compile == value
+
+
 @pytest.mark.parametrize("trained", [1], indirect=True)
 def test_a_checkpoint_that_does_not_fit_the_options_or_the_data(trained, dataset, tmp_path):
     """Claim 12 (checkpoints): resuming with another shape, or on a dataset of another vocabulary, is one line."""

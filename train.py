@@ -78,7 +78,7 @@ class TrainConfig:
     # system
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = opt("auto", "auto (bfloat16 on GPUs that have it natively, else float32), bfloat16 or float32")
-    compile: str = opt("auto", "torch.compile each block: auto (on for CUDA on Linux), true or false")
+    compile: str = opt("auto", "torch.compile each block: auto (on for CUDA on Linux), true or false", bare="true")
     seed: int = opt(1337, "seeds the init, the batches and the J draws")
 
     def check(self, given):
@@ -95,6 +95,8 @@ class TrainConfig:
             raise Fail(f"--min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
         if not self.lr > 0:
             raise Fail(f"--lr must be > 0, got {self.lr}")
+        words = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
+        self.compile = words.get(c := self.compile.strip().lower(), c)     # the words bool options take, too
         for name, allowed in dict(method=tuple(METHODS), compile=("auto", "true", "false")).items():
             if getattr(self, name) not in allowed:
                 raise Fail(f"--{name}={getattr(self, name)}: use {', '.join(allowed)}")
@@ -178,9 +180,8 @@ def main(argv=None):
     device, kind, dtype = common.pick_device(cfg.device, cfg.dtype)
     if kind == "cuda":
         common.use_defaults(cfg, given, "gpu")          # a bigger model and batch where there is a GPU
-    cfg.compile = cfg.compile.lower()
-    compile = kind == "cuda" and platform.system() == "Linux" if cfg.compile == "auto" else cfg.compile == "true"
     cfg.check(given)                                    # every option is checked before anything is touched
+    compile = kind == "cuda" and platform.system() == "Linux" if cfg.compile == "auto" else cfg.compile == "true"
 
     run = common.RunDir(cfg.out_dir)                    # out_dir: ckpt.pt, log.jsonl, and a lock
     if master:
