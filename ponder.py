@@ -17,7 +17,8 @@ Decoding computes the thoughts exactly, one slot at a time, with a KV cache (`st
 sequential pass per token, so it solves for all thoughts of a sequence at once by Jacobi (fixed-point) iteration
 (`think`): start with no thoughts, run the whole interleaved sequence, feed every slot's output back as the next
 slot's input, repeat. The first K passes grow the chain to K thoughts; each later pass refines all of them. Causal
-attention makes this a triangular system, so every pass makes at least one more thought exact, in order: T*K
+attention makes this a triangular system (a slot's output depends only on the slots before it, so once those are
+exact, one more pass makes it exact), so every pass makes at least one more thought exact, in order: T*K
 passes in all (K growing and (T-1)*K refining) always give the exact thoughts, and in practice J = 2 or 3
 refining passes get close. Gradients flow through every pass. The method in full: docs/method.md.
 
@@ -36,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# Token-embedding multipliers by name. A model with thoughts uses its method's own (PonderLM-2: sqrt(2.5 d)).
+# Token-embedding multipliers by name. A model with thoughts uses its method's own (PonderLM-2: sqrt(2.5 d), which
+# brings the embeddings to the unit RMS of the normalised hidden states that come back as thoughts: PonderLM.__init__).
 EMB_SCALES = {"1": lambda d: 1.0, "sqrt_d": math.sqrt, "sqrt_2.5d": lambda d: math.sqrt(2.5 * d)}
 
 
@@ -48,7 +50,7 @@ class PonderConfig:
     n_head: int = 4
     n_embd: int = 256
     n_thoughts: int = 1       # K, latent thoughts per token; 0 is exactly a vanilla transformer
-    jacobi_min: int = 2       # in training J is drawn uniformly from [jacobi_min, jacobi_max] each step
+    jacobi_min: int = 2       # in training J is drawn uniformly from [jacobi_min, jacobi_max] (train.py: per step)
     jacobi_max: int = 3
     jacobi_eval: int = 3      # J in eval mode, as in the paper's evaluation
     grad_passes: int = 0      # backpropagate through only the last n passes (the final one counts); 0: all of them
@@ -76,7 +78,7 @@ class PonderConfig:
             raise ValueError(f"jacobi_min ({self.jacobi_min}) must not exceed jacobi_max ({self.jacobi_max})")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of equal size")
-        if not 0 < self.rotary_pct <= 1 or self.rotary_dims % 2:
+        if not 0 < self.rotary_pct <= 1 or self.rotary_dims < 2 or self.rotary_dims % 2:
             raise ValueError(f"rotary_pct ({self.rotary_pct}) must turn an even number of the {self.head_size} "
                              "dimensions of a head, at least 2")
 
@@ -103,10 +105,11 @@ class RMSNorm(nn.Module):
 
 
 def rotate(x, cos, sin):
-    """Rotary embedding: turn the pairs (x[i], x[i + r]) by the angle pos * theta_i, for i < r = cos.size(-1).
-    x: (B, nh, S, hs), cos and sin: (S, r). A head's dimensions from 2r on pass unchanged (none for Llama)."""
-    r = cos.size(-1)
-    x1, x2, rest = x[..., :r], x[..., r:2 * r], x[..., 2 * r:]
+    """Rotary embedding: turn the pairs (x[i], x[i + half]) by the angle pos * theta_i, for i < half = cos.size(-1).
+    x: (..., S, hs), e.g. q and k stacked, (2, B, nh, S, hs); cos and sin: (S, half). A head's dimensions from
+    2 * half on pass unchanged (none for Llama)."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1).type_as(x)
 
 
@@ -150,7 +153,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif S == 1:    # one new slot sees everything in the cache
             y = F.scaled_dot_product_attention(q, k, v)
-        else:           # S new slots after L-S cached ones: causal, shifted by the cache length
+        else:           # S new slots after L-S cached ones (Pause decodes a token's K+1 slots in one call)
             mask = torch.ones(S, L, dtype=torch.bool, device=x.device).tril(L - S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, S, C))
@@ -336,7 +339,8 @@ class PonderLM(nn.Module):
                 h = self.run(x)                           # (B, T, k, d): the output of each of the k slots so far
             # Slot j's output is slot j+1's input. While the chain is shorter than K+1 slots, h[:, :, :K] keeps
             # every output, so the chain grows by one thought; once it is full, it leaves out the last slot's
-            # output, which predicts the next token and is not a thought.
+            # output, which predicts the next token and is not a thought. For K = 2, x has 1, 2, 3 slots before
+            # passes 1, 2, 3, and 3 from then on.
             x, before = torch.cat([e[:, :, None], h[:, :, :K]], dim=2), x
             if exact and x.shape == before.shape:
                 settled, change = self.settled(x, before, change)
@@ -373,10 +377,12 @@ class PonderLM(nn.Module):
         if jacobi is None:
             c = self.config
             jacobi = int(torch.randint(c.jacobi_min, c.jacobi_max + 1, ())) if self.training else c.jacobi_eval
+        # (train.py always passes J: one draw per optimizer step, the same on every micro-step and rank)
         if jacobi != "exact" and (not isinstance(jacobi, int) or jacobi < 0):
             raise ValueError(f"jacobi must be a non-negative int or 'exact', got {jacobi!r}")
         x = self.think(self.embed(idx), jacobi)           # (B, T, K+1, d): every token's slot and its thoughts
-        h = self.run(x)                                   # the final pass, the one that is scored
+        h = self.run(x)                                   # the final pass reads the newest thoughts; it is scored
+        # (K + J + 1 passes in all; this pass's thought-slot outputs would only be thoughts for another pass)
         logits = self.lm_head(h[:, :, -1])                # (B, T, V): the last slot of token t predicts t+1
         return logits, next_token_loss(logits, targets)
 
@@ -403,7 +409,7 @@ class PonderLM(nn.Module):
         """Decode one token idx (B,) at the next position: its own slot, then K thought slots, each fed the
         final-norm output of the slot before it. Returns next-token logits (B, V) and the thoughts (B, K, d)."""
         K = self.config.n_thoughts
-        p = cache.length // (K + 1)
+        p = cache.length // (K + 1)                       # every earlier token holds K+1 slots of the cache
         if p >= self.config.block_size:
             raise ValueError(f"position {p} is past block_size {self.config.block_size}: start a new cache")
         thoughts = []

@@ -88,7 +88,9 @@ def main(argv=None):
     path = Path(cfg.out_dir) / "ckpt.pt" if cfg.init_from == "resume" else common.source_path(cfg.init_from)
     if not path.exists():
         raise Fail(f"no checkpoint at {path}: train one with `python train.py` (or pass --out_dir or --init_from)")
-    ckpt = common.load_source(path)                     # the weights, in ponder's names, and how to build the model
+    # A train.py checkpoint carries its model_config and method; a Hugging Face folder is read and renamed into
+    # ponder's names by pretrained.py. Either way: the weights, and how to build the model around them.
+    ckpt = common.load_source(path)
     model = common.model_from(ckpt, path).eval().to(device)
     try:
         tok = get_tokenizer(ckpt.get("tokenizer", "bytes"))     # the one the model was trained with
@@ -122,17 +124,19 @@ def main(argv=None):
     # ---- decoding: generate() prefills the prompt, then for every token runs its slot and K thought slots, each
     # appended to the KV cache (ponder.py's prefill and step); past block_size it refills from the recent half ------
     autocast = torch.autocast(kind, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    generator = torch.Generator(device).manual_seed(cfg.seed)     # the same seed gives the same text
+    # One generator for all samples: they differ from each other, and the same seed repeats the whole run.
+    generator = torch.Generator(device).manual_seed(cfg.seed)
     samples, seconds = [], 0.0
     for i in range(cfg.num_samples):
         note(f"---------- sample {i + 1}/{cfg.num_samples}")
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a token may end inside a character
-        sys.stdout.write(tok.decode(ids))
+        sys.stdout.write(tok.decode(ids))               # the prompt first, so the continuation reads in context
         out, t0 = [], time.perf_counter()
         with autocast, torch.inference_mode():
             for token, thoughts in model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                                   exact_prefill=cfg.prefill == "exact", generator=generator):
                 if cfg.show_thoughts:                   # thoughts: (1, K, d), the K steps before this token
+                    # A thought is a final-norm output, exactly what the LM head reads, so the head applies as is.
                     probs = torch.softmax(model.lm_head(thoughts[0]).float(), dim=-1)       # (K, V)
                     top = torch.topk(probs, cfg.thought_tokens)
                     for p, t in zip(top.values.tolist(), top.indices.tolist()):
@@ -144,9 +148,9 @@ def main(argv=None):
         if kind == "cuda":
             torch.cuda.synchronize()                    # the clock must not stop before the GPU does
         seconds += time.perf_counter() - t0
-        print(text.decode(b"", final=True), flush=True)
+        print(text.decode(b"", final=True), flush=True)        # a character cut off at the end becomes U+FFFD
         samples.append(out)
-    n = sum(map(len, samples))
+    n = sum(map(len, samples))                          # each token cost K + 1 forward steps
     note(f"---------- {n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s, {(K + 1) * n / seconds:.1f} forward "
          f"steps/s ({method}, K={K}, {device}, {dtype}, prompt prefill included)")
     return samples

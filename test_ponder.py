@@ -1891,6 +1891,7 @@ BAD_OPTIONS = [  # train.py's command line, and what its one-line error must say
     (["--init_from=resume"], "no checkpoint at .*ckpt.pt to resume"),
     (["--dataset=no_such_dataset"], "dataset 'no_such_dataset' not found"),
     (["--block_size=4096"], "fewer than block_size 4096"), (["--batch_tokens=100"], "--batch_tokens=100 is not a multiple"),
+    (["--rotary_pct=0.01"], "rotary_pct \\(0.01\\) must turn an even number"),   # 0 of a head's 16 dimensions
 ]
 
 

@@ -9,8 +9,8 @@ Train PonderLM-2, a vanilla model (K = 0), or one of the paper's baselines, on t
     python train.py --help                                       # every option, with its default
 
 Running the same command again continues the run in out_dir. Ctrl-C, SIGTERM or SIGHUP finishes the step,
-evaluates, saves and exits; a second one stops at once. The machinery (options, run folder, checkpoints, signals,
-datasets) is in common.py; this file is the training itself, top to bottom.
+evaluates, saves and exits; a second one (a second or more later) stops at once. The machinery (options, run
+folder, checkpoints, signals, datasets) is in common.py; this file is the training itself, top to bottom.
 """
 
 import math
@@ -30,6 +30,8 @@ from common import Fail, opt
 from ponder import EMB_SCALES, PonderConfig
 
 
+# Every option is a field: opt(default, help, gpu=..., neox=...) gives its default on CPU and, where they differ,
+# its default on CUDA and with --arch=neox, which apply unless the option was given on the command line (`given`).
 @dataclass
 class TrainConfig:
     # data, output, evaluation
@@ -56,7 +58,8 @@ class TrainConfig:
     jacobi_min: int = opt(2, "fewest Jacobi passes J in a training step (one J per optimizer step)")
     jacobi_max: int = opt(3, "most Jacobi passes J in a training step", neox=4)
     jacobi_eval: int = opt(3, "Jacobi passes J at evaluation")
-    grad_passes: int = opt(0, "backpropagate through only the last n passes of the thought solve (0: all)")
+    grad_passes: int = opt(0, "backpropagate through only the last n passes (the final, scored pass counts as one; "
+                              "0: all)")
     emb_scale: str = opt("auto", "token-embedding multiplier: auto (the method's own if K > 0, else 1), "
                                  + ", ".join(EMB_SCALES))
     rotary_pct: float = opt(1.0, "fraction of each head's dimensions turned by rotary embeddings", neox=0.25)
@@ -103,9 +106,10 @@ class TrainConfig:
         if self.init_from not in ("auto", "scratch", "resume") and not common.source_path(self.init_from).exists():
             raise Fail(f"--init_from={self.init_from}: no checkpoint there; use auto, scratch, resume, or the path of "
                        "a train.py checkpoint (or of its out_dir, or of a Hugging Face GPT-NeoX folder)")
+        # The baselines compute their extra steps exactly in one forward: a Jacobi option for them is a mistake.
         if self.method != "ponderlm2" and (unused := sorted(given & common.THOUGHT_KEYS)):
             raise Fail(f"--{unused[0]} belongs to PonderLM-2's thought solve; {self.method} is exact in one forward")
-        try:
+        try:        # the model's own checks too; the vocabulary comes from the dataset later
             return PonderConfig(vocab_size=1, **{k: getattr(self, k) for k in common.MODEL_KEYS})
         except ValueError as e:
             raise Fail(str(e)) from None
@@ -120,7 +124,7 @@ def get_batch(data, split, offsets, T, device):
     if data["targets"]:
         targets = np.memmap(data["folder"] / f"{split}_targets.bin", dtype=np.int32, mode="r")
         xy = np.stack([np.stack([tokens[o:o + T], targets[o:o + T]]) for o in offsets], axis=1)
-    else:
+    else:                                           # language modelling: the target of token t is token t+1
         windows = np.stack([tokens[o:o + T + 1] for o in offsets])
         xy = np.stack([windows[:, :-1], windows[:, 1:]])
     xy = torch.from_numpy(xy.astype(np.int64))                          # (2, B, T)
@@ -138,6 +142,7 @@ def train_offsets(data, cfg, step, micro):
 def jacobi_for(cfg, step):
     """J for this step: one draw per optimizer step, shared by its micro-steps and ranks, so that a run does not
     depend on how its batch is split over them."""
+    # (1 << 30 keeps this random stream apart from the batches' [seed, step, micro-step] streams)
     return int(np.random.default_rng([cfg.seed, step, 1 << 30]).integers(cfg.jacobi_min, cfg.jacobi_max + 1))
 
 
@@ -192,7 +197,7 @@ def main(argv=None):
 
         # ---- where the run starts: out_dir's checkpoint (resume), another run's weights (--init_from), or scratch --
         cfg, ckpt, source = common.start_config(cfg, given, run, TrainConfig)
-        mconf = cfg.check(given)
+        mconf = cfg.check(given)                        # again: a checkpoint or --arch=neox may have set options
         data = common.load_dataset(cfg.dataset, cfg.block_size, master, cfg.eval_windows)
         mconf.vocab_size = 64 * math.ceil(data["vocab_size"] / 64)    # padded to a multiple of 64 for fast matmuls
         common.check_fit(data, mconf, {run.ckpt: ckpt, cfg.init_from: source})   # weights and data: one tokenizer
@@ -205,7 +210,7 @@ def main(argv=None):
                 log(f"starting over: the previous run's files went to {run.set_aside()}")
 
         # ---- the model and its optimizer ----------------------------------------------------------------------------
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)                     # the same initial weights on every rank
         model = build(cfg.method, mconf)                # PonderLM-2 (ponder.py) or a baseline (baselines.py)
         if ckpt or source:
             model = common.model_from(ckpt or source, run.ckpt if ckpt else cfg.init_from, mconf, cfg.method)
@@ -214,7 +219,8 @@ def main(argv=None):
                 f"{source['model_config']['n_thoughts']}, token embeddings x {cfg.emb_scale} as there unless "
                 "--emb_scale says otherwise); the optimizer and the schedule start anew")
         model.to(device)
-        # AdamW, with weight decay on the matrices (embeddings included) but not on norms and biases
+        # AdamW, with weight decay on the matrices (embeddings included) but not on norms and biases: decay pulls a
+        # norm's gain towards 0, not towards its neutral 1
         params = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW([dict(params=params[0], weight_decay=cfg.weight_decay),
                                        dict(params=params[1], weight_decay=0.0)],
@@ -252,7 +258,7 @@ def main(argv=None):
             raise Fail(f"{what}: training diverged; {kept} (try a lower --lr)")
 
         if master and ckpt and not cfg.eval_only:
-            run.rewind(step)                            # a resumed run redoes the steps after its checkpoint
+            run.rewind(step)                            # the log loses the entries after the checkpoint's step
         if cfg.eval_only or step == 0:                  # where training starts from
             val, line = validate()
             if master:
@@ -278,9 +284,11 @@ def main(argv=None):
                         train_model.require_backward_grad_sync = micro == accum - 1
                     with autocast:
                         _, loss = train_model(x, y, jacobi=J)      # K growing passes, J Jacobi passes, the final one
+                    # Backward runs through every pass of the thought solve (nothing is detached): the gradient
+                    # reaches the thoughts themselves, which is how the model learns to think usefully.
                     (loss / accum).backward()           # the mean over micro-steps, as one big batch would give
                     loss_sum = loss_sum + loss.detach() / accum
-                if cfg.grad_clip > 0:
+                if cfg.grad_clip > 0:                   # once, on the whole batch's gradient
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
