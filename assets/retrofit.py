@@ -82,6 +82,17 @@ for pct, s in SWITCH.items():
     ROWS[f"retro-{pct}-g2"] = row(f"as retro-{pct}, gradients through the last 2 passes", G2, STEPS - s,
                                   best_of(f"retro-{pct}"), 6, source=f"cut-{s}", seed=2, extend=False,
                                   warmup_iters=WARMUP)
+# A second seed of the control and of every switch point (vanilla phase seed 3, K = 1 phase seed 4), at the rates
+# the first seed chose: the differences that decide the reading are a few hundredths of a nat.
+ROWS["vanilla-L-scaled-seed3"] = row("scaled vanilla, L = 2, seed 3", VANILLA, STEPS, best_of("vanilla-L-scaled"), 7,
+                                     seed=3, extend=False)
+for pct, s in SWITCH.items():
+    ROWS[f"cut-{s}-seed3"] = row(f"the first {s} steps of vanilla-L-scaled-seed3", VANILLA, s,
+                                 best_of("vanilla-L-scaled"), 7, seed=3, extend=False, table=False,
+                                 lr_decay_iters=STEPS, warmup_iters=WARMUP, eval_interval=100)
+    ROWS[f"retro-{pct}-seed4"] = row(f"as retro-{pct}, second seed (vanilla phase seed 3, K = 1 phase seed 4)", PONDER,
+                                     STEPS - s, best_of(f"retro-{pct}"), 7, source=f"cut-{s}-seed3", seed=4,
+                                     extend=False, warmup_iters=WARMUP)
 # Without PonderLM-2's scale: a plain vanilla-L source, its scale kept (the default) or replaced by sqrt(2.5 d),
 # at the cheapest switch point and at the lr found best for it with a scaled source.
 ROWS["vanilla-L"] = row("plain vanilla, L = 2 (embeddings not scaled)", PLAIN, STEPS, [2e-3], 8, extend=False)
