@@ -33,6 +33,14 @@ def refuse(where, what):
 
 # ---- config.json -> PonderConfig ---------------------------------------------------------------------------------
 
+def read_json(path):
+    """A JSON file of the folder, or a ValueError that names it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 def read_config(folder):
     """config.json, checked, as keyword arguments for PonderConfig."""
     path = Path(folder) / "config.json"
@@ -40,10 +48,7 @@ def read_config(folder):
         raise ValueError(f"{folder}: no such folder (expected a Hugging Face checkpoint folder with config.json)")
     if not path.is_file():
         raise ValueError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    hf = read_json(path)
     # What the checkpoint must be. Absent keys take Hugging Face's defaults, which are Pythia's.
     if hf.get("model_type") != "gpt_neox":
         refuse(path, f"model_type is {hf.get('model_type')!r}")
@@ -250,10 +255,7 @@ class HFTokenizer:
         path = path / "tokenizer.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        spec = read_json(path)
         if not isinstance(spec, dict) or (spec.get("decoder") or {}).get("type") != "ByteLevel":
             raise ValueError(f"{path}: not a byte-level BPE tokenizer (the kind GPT-NeoX uses, the only one "
                              "supported)")

@@ -1132,10 +1132,10 @@ def test_anything_but_gpt_neox_as_pythia_is_refused_in_one_line(tmp_path, case):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("case", ["no folder", "no config", "no weights", "missing shard", "truncated"])
+@pytest.mark.parametrize("case", ["no folder", "no config", "bad config", "no weights", "missing shard", "truncated"])
 def test_missing_or_damaged_checkpoint_files_are_refused_in_one_line(tmp_path, case):
-    """Claim 8 (the loader's refusals): a missing folder, config, weights file or shard, or a truncated safetensors
-    file, is one line that says which."""
+    """Claim 8 (the loader's refusals): a missing folder, config, weights file or shard, a config that is not JSON,
+    or a truncated safetensors file, is one line that says which."""
     folder = hf_folder(tmp_path / "ckpt", hf_weights(), form="sharded safetensors" if case == "missing shard"
                        else "safetensors")
     weights = folder / "model.safetensors"
@@ -1143,13 +1143,16 @@ def test_missing_or_damaged_checkpoint_files_are_refused_in_one_line(tmp_path, c
         folder = tmp_path / "elsewhere"
     elif case == "no config":
         (folder / "config.json").unlink()
+    elif case == "bad config":
+        (folder / "config.json").write_text('{"model_type": "gpt_neox",')
     elif case == "no weights":
         weights.unlink()
     elif case == "missing shard":
         (folder / "model-00002-of-00002.safetensors").unlink()
     else:
         weights.write_bytes(weights.read_bytes()[:-100])
-    message = {"no folder": "no such folder", "no config": "no config.json", "no weights": "no weights",
+    message = {"no folder": "no such folder", "no config": "no config.json", "bad config": "is not valid JSON",
+               "no weights": "no weights",
                "missing shard": "lists model-00002-of-00002.safetensors", "truncated": "truncated"}[case]
     with pytest.raises(ValueError) as e:
         pretrained.load_neox(folder)

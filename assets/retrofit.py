@@ -23,7 +23,6 @@ The report is assets/retrofit.md, assets/retrofit.json and assets/retrofit.png.
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -236,18 +235,6 @@ def run_all(jobs):
 
 # ---- results --------------------------------------------------------------------------------------------------
 
-def exact_val(out):
-    """Val loss with exact thoughts, from a `train.py --eval_only --eval_exact` run made once (one thread)."""
-    def logged():
-        return [e["val_loss_exact"] for e in study.log(out) if e.get("eval_only") and "val_loss_exact" in e]
-    if not logged():
-        print(f"[{time.strftime('%H:%M:%S')}] OMP_NUM_THREADS=1 python train.py --out_dir={out} --eval_only "
-              "--eval_exact", flush=True)
-        subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--eval_only", "--eval_exact"], cwd=REPO,
-                       check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return logged()[-1]
-
-
 TABLE_ORDER = ["control", "retro", "retro-g2", "vanilla-L-scaled@", "vanilla-2L-scaled@", "plain"]
 
 
@@ -273,7 +260,7 @@ def results(partial=False):
                          decode_flops=m.flops_per_token(training=False), time=study.times(out),
                          curve=[(e["step"], e["val_loss"]) for e in study.evals(out)])
         if r["options"]["n_thoughts"]:
-            res[name]["val_exact"] = exact_val(out)
+            res[name]["val_exact"] = study.exact_val(out)
         if r["source"]:                                # the vanilla phase: its run, and the loss at the switch
             src = run_dir(r["source"], settled(r["source"]))
             res[name].update(source=src.name, source_steps=ROWS[r["source"]]["steps"],

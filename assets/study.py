@@ -223,12 +223,14 @@ def run_all():
 # ---- results --------------------------------------------------------------------------------------------------
 
 def exact_val(out):
-    """Val loss with exact thoughts, from a `train.py --eval_only --eval_exact` run made once."""
+    """Val loss with exact thoughts, from a `train.py --eval_only --eval_exact` run made once (one thread)."""
     def logged():
         return [e["val_loss_exact"] for e in log(out) if e.get("eval_only") and "val_loss_exact" in e]
     if not logged():
+        print(f"[{time.strftime('%H:%M:%S')}] OMP_NUM_THREADS=1 python train.py --out_dir={out} --eval_only "
+              "--eval_exact", flush=True)
         subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--eval_only", "--eval_exact"], cwd=REPO,
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return logged()[-1]
 
 
