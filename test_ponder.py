@@ -1858,6 +1858,26 @@ def test_training_goes_on_when_stdout_is_full(dataset, tmp_path):
     assert saved(tmp_path)["step"] == 2 and [e["step"] for e in log_entries(tmp_path)] == [0, 1, 2, 2]
 
 
+@pytest.mark.parametrize("driver", ["state_tracking", "retrofit"])
+def test_a_report_with_nothing_to_report_keeps_the_committed_one(driver, tmp_path, monkeypatch, capsys):
+    """Claim 11 (the experiments' reports): asked for a report before any run has finished (a fresh clone), a
+    driver refuses in one line and leaves its report in assets/ as it is. (Run on a copy of the reports.)"""
+    import retrofit
+    module = {"state_tracking": state_tracking, "retrofit": retrofit}[driver]
+    (tmp_path / "assets").mkdir()
+    for f in (REPO / "assets").glob(f"{driver}.*"):
+        if f.suffix != ".py":
+            shutil.copy(f, tmp_path / "assets")
+    before = {f: f.read_bytes() for f in (tmp_path / "assets").iterdir()}
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    monkeypatch.setattr(module, "OUT", tmp_path / "study" / driver)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        module.main(["--report_only" if driver == "state_tracking" else "--report"])
+    assert "first" in capsys.readouterr().err.splitlines()[-1]
+    assert len(before) == 3 and all(f.read_bytes() == b for f, b in before.items())
+
+
 # ================================================================================================================
 # 12. Bad input gives one line, before any work where it can: options, checkpoints, out_dir, RANK without torchrun,
 #     out of memory, sample.py's refusals, eval_windows.

@@ -345,6 +345,9 @@ def main(argv=None):
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.report:
         run_all(args.jobs)
+    elif not any(OUT.glob("*/done.json")):              # nothing to report: keep the report there is
+        p.error(f"no finished runs under {OUT.relative_to(REPO)}: run `python assets/retrofit.py` first "
+                "(assets/retrofit.* are left as they are)")
     res = results(args.report)
     (REPO / "assets" / "retrofit.json").write_text(json.dumps(res, indent=1))
     report(res)

@@ -477,6 +477,9 @@ def main(argv=None):
     if not args.report_only:
         prepare_data()
         run_all(args.jobs)
+    elif not any(OUT.glob("*/*/eval.json")):            # nothing to report: keep the report there is
+        p.error(f"no evaluated runs under {OUT.relative_to(REPO)}: run `python assets/state_tracking.py` first "
+                "(assets/state_tracking.* are left as they are)")
     res = results(partial=args.report_only)
     (REPO / "assets" / "state_tracking.json").write_text(json.dumps(res) + "\n")
     report(res)
