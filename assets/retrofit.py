@@ -24,10 +24,7 @@ The report is assets/retrofit.md, assets/retrofit.json and assets/retrofit.png.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import fields
 from pathlib import Path
 
@@ -200,15 +197,8 @@ def train(name, lr):
     final evaluation, or when it diverged (an infinite loss). Each attempt's wall and CPU time go to times.jsonl."""
     out, args = run_dir(name, lr), command(name, lr)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] OMP_NUM_THREADS=1 python train.py " + " ".join(args), flush=True)
-    t0 = time.time()
-    with open(out / "train.out", "a") as f:
-        p = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        _, status, usage = os.wait4(p.pid, 0)           # the CPU time of this run alone
-    with open(out / "times.jsonl", "a") as f:
-        f.write(json.dumps({"wall": time.time() - t0, "cpu": usage.ru_utime + usage.ru_stime}) + "\n")
-    diverged = os.waitstatus_to_exitcode(status) == 1 and "diverged" in (out / "train.out").read_text()
+    code = study.launch(["train.py", *args], out, "train.out", "times.jsonl")
+    diverged = code == 1 and "diverged" in (out / "train.out").read_text()
     complete = (out / "log.jsonl").exists() and any(e["step"] == ROWS[name]["steps"] for e in study.evals(out))
     if not (diverged or complete):
         raise SystemExit(f"{out.name} did not finish (stopped, or failed: see {out / 'train.out'}); run again")
@@ -217,20 +207,8 @@ def train(name, lr):
 
 def run_all(jobs):
     """Keep `jobs` runs going, in row order (prio), longest first within a row, until nothing more is wanted."""
-    running = {}
-    with ThreadPoolExecutor(jobs) as pool:
-        while True:
-            for job, fut in list(running.items()):
-                if fut.done():
-                    fut.result()                       # a failed run stops the script with its message
-                    del running[job]
-            todo = sorted((j for j in wanted() if j not in running),
-                          key=lambda j: (ROWS[j[0]]["prio"], -train_flops(j[0])))
-            for job in todo[:jobs - len(running)]:
-                running[job] = pool.submit(train, *job)
-            if not running:
-                return
-            wait(running.values(), return_when=FIRST_COMPLETED)
+    study.schedule(jobs, lambda: sorted(wanted(), key=lambda j: (ROWS[j[0]]["prio"], -train_flops(j[0]))),
+                   lambda job: train(*job))
 
 
 # ---- results --------------------------------------------------------------------------------------------------

@@ -24,11 +24,8 @@ assets/state_tracking.json, the figure in assets/state_tracking.png (skipped wit
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import study  # noqa: E402   (assets/study.py: the figures' pyplot)
+import study  # noqa: E402   (assets/study.py: launching runs, the scheduler, the figures' pyplot)
 from baselines import build  # noqa: E402
 from common import RunDir  # noqa: E402
 from data import groups  # noqa: E402
@@ -109,17 +106,6 @@ def command(group, arm, lr, seed):
             f"--seed={seed}", f"--out_dir={run_dir(group, arm, lr, seed).relative_to(REPO)}"]
 
 
-def launch(args, out, log_name):
-    """Run `python args...` in the repository with one thread; returns (exit code, wall s, CPU s of the child)."""
-    print(f"[{time.strftime('%H:%M:%S')}] OMP_NUM_THREADS=1 python " + " ".join(str(a) for a in args), flush=True)
-    t0 = time.time()
-    with open(out / log_name, "a") as f:
-        p = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        _, status, usage = os.wait4(p.pid, 0)            # the CPU time of this child alone
-    return os.waitstatus_to_exitcode(status), time.time() - t0, usage.ru_utime + usage.ru_stime
-
-
 def train_and_evaluate(job):
     """Train one run to completion (train.py resumes a partial one), then evaluate it. The wall and CPU time of
     each attempt is appended to times.jsonl (training) or eval_times.jsonl."""
@@ -130,9 +116,7 @@ def train_and_evaluate(job):
                                                       f"--evaluate={out.relative_to(REPO)}"], "eval")]:
         if done():
             continue
-        code, wall, cpu = launch(args, out, f"{name}.out")
-        with open(out / ("times.jsonl" if name == "train" else "eval_times.jsonl"), "a") as f:
-            f.write(json.dumps({"wall": wall, "cpu": cpu, "exit": code}) + "\n")
+        code = study.launch(args, out, f"{name}.out", "times.jsonl" if name == "train" else "eval_times.jsonl")
         if code:
             raise SystemExit(f"{out}: {name} failed (exit {code}): see {out / name}.out")
         if name == "train":
@@ -202,19 +186,7 @@ def plan():
 
 def run_all(jobs):
     """Keep `jobs` runs going, the sweeps first and the most expensive first, until every run is done."""
-    running = {}
-    with ThreadPoolExecutor(jobs) as pool:
-        while True:
-            for job, f in list(running.items()):
-                if f.done():
-                    f.result()                                  # a failure stops the study with its message
-                    del running[job]
-            todo = sorted((j for j in plan() if not finished(j) and j not in running), key=priority)
-            for job in todo[:jobs - len(running)]:
-                running[job] = pool.submit(train_and_evaluate, job)
-            if not running:
-                return
-            wait(running.values(), return_when=FIRST_COMPLETED)
+    study.schedule(jobs, lambda: sorted((j for j in plan() if not finished(j)), key=priority), train_and_evaluate)
 
 
 def priority(job):
@@ -325,11 +297,6 @@ def horizon(acc, level=0.9):
     return below[0] if below else len(acc)
 
 
-def times(out):
-    parts = [json.loads(line) for line in (out / "times.jsonl").read_text().splitlines()]
-    return sum(p["wall"] for p in parts), sum(p["cpu"] for p in parts)
-
-
 def results(partial=False):
     """Every run at its arm's best learning rate, with its evaluation; and each arm's sweep (lr: final val loss).
     partial: of the runs finished so far (the best learning rate among those tried so far), naming those missing."""
@@ -352,7 +319,7 @@ def results(partial=False):
             group=group, arm=arm, what=ARMS[arm][0], lr=lr, seed=seed,
             command="OMP_NUM_THREADS=1 python " + " ".join(str(a) for a in command(group, arm, lr, seed)),
             val_loss=entries[-1]["val_loss"], curve=[(e["step"], round(e["val_loss"], 4)) for e in entries],
-            time=times(out), **{k: rounded(v) for k, v in ev.items()})
+            time=study.times(out), **{k: rounded(v) for k, v in ev.items()})
     return dict(setup=dict(T=T, letters=LETTERS, train_seqs=TRAIN_SEQS, val_seqs=VAL_SEQS, data_seed=DATA_SEED,
                            eval_seed=EVAL_SEED, eval_words=EVAL_LENGTHS, steps=STEPS, tokens_per_step=TOKENS_PER_STEP,
                            common=COMMON, letters_of={g: json.loads((dataset(g) / "meta.json").read_text())["letters"]

@@ -105,17 +105,9 @@ def train(row, lr, seed):
     args = [*COMMON, *options, f"--lr={lr:g}", f"--seed={seed}", f"--max_iters={n}", f"--warmup_iters={n // 50}",
             f"--eval_interval={n // 12}", f"--out_dir={out}"]
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] OMP_NUM_THREADS=1 python train.py " + " ".join(args), flush=True)
-    t0 = time.time()
-    with open(out / "train.out", "a") as f:
-        p = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        _, status, usage = os.wait4(p.pid, 0)           # the CPU time of this run alone
-        p.returncode = os.waitstatus_to_exitcode(status)
-    with open(out / "times.jsonl", "a") as f:
-        f.write(json.dumps({"wall": time.time() - t0, "cpu": usage.ru_utime + usage.ru_stime}) + "\n")
-    diverged = p.returncode == 1 and "diverged" in (out / "train.out").read_text()
-    if p.returncode and not diverged:
+    code = launch(["train.py", *args], out, "train.out", "times.jsonl")
+    diverged = code == 1 and "diverged" in (out / "train.out").read_text()
+    if code and not diverged:
         raise SystemExit(f"{out.name} failed: see {out / 'train.out'}")
     (out / "done.json").write_text(json.dumps({"diverged": diverged}))
     return out
@@ -201,23 +193,44 @@ def wanted():
     return jobs
 
 
-def run_all():
-    """Keep two runs going, longest first, until nothing more is wanted."""
+def launch(args, out, log_name, times_name):
+    """Run `python args...` in the repository with one thread, its output appended to out/log_name; append its wall
+    and CPU time (of this child alone) and exit code to out/times_name. Returns the exit code. (The experiments'
+    drivers, assets/retrofit.py and assets/state_tracking.py, start their runs through this too.)"""
+    print(f"[{time.strftime('%H:%M:%S')}] OMP_NUM_THREADS=1 python " + " ".join(str(a) for a in args), flush=True)
+    t0 = time.time()
+    with open(out / log_name, "a") as f:
+        p = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(p.pid, 0)           # the CPU time of this run alone
+    code = os.waitstatus_to_exitcode(status)
+    with open(out / times_name, "a") as f:
+        f.write(json.dumps({"wall": time.time() - t0, "cpu": usage.ru_utime + usage.ru_stime, "exit": code}) + "\n")
+    return code
+
+
+def schedule(jobs, todo, run):
+    """Keep `jobs` runs going: todo() lists the runs wanted now in the order to start them (those already running
+    are passed over), run(job) does one. Returns once nothing runs and nothing more is wanted; a run that fails
+    stops everything with its message."""
     running = {}
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(jobs) as pool:
         while True:
             for job, fut in list(running.items()):
                 if fut.done():
-                    fut.result()                       # a failed run stops the study with its message
+                    fut.result()
                     del running[job]
-            todo = sorted((j for j in wanted() if j not in running), reverse=True,       # the rows that decide
-                          key=lambda j: (j[0] in FLOPS_ROW, cost(j)))                  # the FLOP row first
-
-            for job in todo[:2 - len(running)]:
-                running[job] = pool.submit(train, *job)
+            for job in [j for j in todo() if j not in running][:jobs - len(running)]:
+                running[job] = pool.submit(run, job)
             if not running:
                 return
             wait(running.values(), return_when=FIRST_COMPLETED)
+
+
+def run_all():
+    """Keep two runs going, the FLOP row first, then the longest, until nothing more is wanted."""
+    schedule(2, lambda: sorted(wanted(), reverse=True, key=lambda j: (j[0] in FLOPS_ROW, cost(j))),
+             lambda job: train(*job))
 
 
 # ---- results --------------------------------------------------------------------------------------------------
